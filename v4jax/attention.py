@@ -1,0 +1,219 @@
+"""Hybrid attention (spec §4-§7): sliding window + CSA (top-k of 4x-compressed entries) or HCA
+(all 128x-compressed entries), one softmax with a learned sink, sparse by construction.
+
+The same chunk function runs training (empty state, whole sequence), prefill, chunked prefill and
+decode (T = 1). Queries are processed in blocks of Q (`ModelConfig.attn_block`) by `lax.map`, so the
+largest buffers are Q x (Q + W) for the window, Q x k gathered entries for CSA and Q x N (entries) for
+HCA and the indexer scores: linear in the sequence length; nothing is S x S or S x S/m.
+
+Shape walk-through for one sequence and one query block (b = block index, j0 = b*Q):
+  q_qhc      [Q, H, c]      queries of positions start+j0 .. start+j0+Q-1
+  win_kc     [Q+W, c]       E[j0 : j0+Q+W], E = (state window, W rows) ++ (chunk kv, T rows);
+                            row i of E is position start-W+i; query jj sees rows jj+1 .. jj+W
+  comp_nc    [N, c]         compressed entries (state buffer after this chunk's writes)
+  CSA: score_qn [Q, N] -> top-k idx_qk [Q, k] -> gathered [Q, k, c] (a gather, never a mask)
+  HCA: all N entries, masked by n < floor((p+1)/m)
+  logits     [Q, H, Q+W+k|N] -> softmax with exp(sink_h) in the denominator -> o_qhc [Q, H, c]
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import quant
+from .compressor import Compressor
+from .config import ModelConfig
+from .layers import HIGHEST, Linear, RMSNorm, apply_rope, param, rms_norm, rope_cos_sin, rope_inv_freq
+
+
+class Indexer(nnx.Module):
+    """Lightning indexer: scores compressed entries for each query, picks the top-k (CSA only)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = Linear(cfg, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("idx_heads_dim", "q_lora"), rngs)
+        self.weights_proj = Linear(cfg, cfg.dim, cfg.index_n_heads, ("idx_heads", "embed"), rngs)
+        self.compressor = Compressor(cfg, 4, cfg.index_head_dim, rotate=True, rngs=rngs)
+
+    def queries(self, x_btd, cq_btr, cos, sin, qat_sim: bool):
+        """-> q [B, T, HI, dI] (roped, Hadamard-rotated, FP4-simulated if qat) and weights [B, T, HI]."""
+        b, t, _ = x_btd.shape
+        q = self.wq_b(cq_btr).reshape(b, t, self.n_heads, self.head_dim)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        q = quant.hadamard(q)
+        if qat_sim:
+            q = quant.fp4_sim(q, 32)
+        w = self.weights_proj(x_btd).astype(jnp.float32) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        h, c, g = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
+        self.cfg = cfg
+        self.ratio = cfg.layer_ratio(layer)
+        self.n_heads, self.head_dim, self.rd, self.groups = h, c, cfg.qk_rope_head_dim, g
+        self.window = cfg.sliding_window
+        self.wq_a = Linear(cfg, cfg.dim, cfg.q_lora_rank, ("q_lora", "embed"), rngs)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, cfg.param_dtype)
+        self.wq_b = Linear(cfg, cfg.q_lora_rank, h * c, ("heads_dim", "q_lora"), rngs)
+        self.wkv = Linear(cfg, cfg.dim, c, ("kv", "embed"), rngs)
+        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps, cfg.param_dtype)
+        self.wo_a = Linear(cfg, h * c // g, g * cfg.o_lora_rank, ("o_lora", "o_in"), rngs)
+        self.wo_b = Linear(cfg, g * cfg.o_lora_rank, cfg.dim, ("embed", "o_lora"), rngs)
+        self.attn_sink = param(None, (h,), ("heads",), "vector", init="zeros")
+        if self.ratio:
+            self.compressor = Compressor(cfg, self.ratio, c, rotate=False, rngs=rngs)
+        if self.ratio == 4:
+            self.indexer = Indexer(cfg, rngs)
+
+    # ---------------------------------------------------------------- state
+    def entries_for(self, context: int) -> int:
+        return max(1, context // self.ratio) if self.ratio else 0
+
+    def empty_state(self, batch: int, context: int, dtype) -> dict:
+        """Decode state able to hold `context` tokens: window, and compressor tails + entry buffers."""
+        st = {"win": jnp.zeros((batch, self.window, self.head_dim), dtype)}
+        n = self.entries_for(context)
+        if self.ratio:
+            st["comp"] = self.compressor.empty_state(batch, n, dtype)
+        if self.ratio == 4:
+            st["index"] = self.indexer.compressor.empty_state(batch, n, dtype)
+        return st
+
+    # ---------------------------------------------------------------- forward
+    def __call__(self, x_btd: jax.Array, start_b: jax.Array, state: dict | None):
+        """x [B, T, d] at positions start_b[b] + t -> (out [B, T, d], new state, top-k idx or None)."""
+        cfg = self.cfg
+        b, t, _ = x_btd.shape
+        dtype = x_btd.dtype
+        if state is None:
+            state = self.empty_state(b, t, dtype)
+        pos_bt = start_b[:, None] + jnp.arange(t)[None, :]
+        inv_freq = rope_inv_freq(cfg, compressed_layer=self.ratio > 0)
+        cos, sin = rope_cos_sin(pos_bt, inv_freq)  # [B, T, rd/2]
+
+        cq = self.q_norm(self.wq_a(x_btd))  # [B, T, q_lora]
+        q = self.wq_b(cq).reshape(b, t, self.n_heads, self.head_dim)
+        q = rms_norm(q, None, cfg.rms_norm_eps)  # per-head, unweighted
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x_btd)), cos, sin)  # [B, T, c]
+        if cfg.qat_sim:
+            nope = self.head_dim - self.rd
+            kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
+
+        new_state = {"win": jnp.concatenate([state["win"], kv], axis=1)[:, t:]}
+        comp_kv = index = None
+        if self.ratio:
+            new_state["comp"] = self.compressor(x_btd, pos_bt, start_b, state["comp"], inv_freq, cfg.qat_sim)
+            comp_kv = new_state["comp"]["kv"]
+        if self.ratio == 4:
+            new_state["index"] = self.indexer.compressor(x_btd, pos_bt, start_b, state["index"], inv_freq, cfg.qat_sim)
+            qi, wi = self.indexer.queries(x_btd, cq, cos, sin, cfg.qat_sim)
+            index = (qi, wi, new_state["index"]["kv"])
+
+        o, topk = self.core(q, kv, state["win"], comp_kv, index, start_b)
+        o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+        return self.project_out(o), new_state, topk
+
+    def project_out(self, o_bthc: jax.Array) -> jax.Array:
+        """Grouped low-rank output: group g of heads -> wo_a[g] (o_lora) -> concat -> wo_b."""
+        b, t = o_bthc.shape[:2]
+        g = self.groups
+        o = o_bthc.reshape(b, t, g, -1)
+        wo_a = self.wo_a.weight[...].reshape(g, -1, o.shape[-1]).astype(o.dtype)
+        z = jnp.einsum("btgi,gri->btgr", o, wo_a, precision=HIGHEST)
+        return self.wo_b(z.reshape(b, t, -1))
+
+    def core(self, q, kv, win, comp_kv, index, start_b):
+        """Batched sparse attention; vmaps `attend_sequence` over the batch."""
+        fn = functools.partial(attend_sequence, window=self.window, ratio=self.ratio,
+                               block=min(self.cfg.attn_block, q.shape[1]), topk=self.cfg.index_topk,
+                               scale=self.head_dim ** -0.5)
+        sink = self.attn_sink[...]
+
+        def one(q, kv, w, s, c=None, qi=None, wi=None, ki=None):
+            return fn(q, kv, w, c, None if qi is None else (qi, wi, ki), s, sink)
+
+        args = [q, kv, win, start_b] + ([comp_kv] if comp_kv is not None else []) + list(index or ())
+        return jax.vmap(one)(*args)
+
+
+def attend_sequence(q_thc, kv_tc, win_wc, comp_nc, index, start, sink_h, *, window, ratio, block, topk, scale):
+    """One sequence, all query blocks -> (o [T, H, c], top-k indices [T, k] or None)."""
+    t, h, c = q_thc.shape
+    nblk = -(-t // block)
+    tp = nblk * block
+    pad = tp - t
+    q_pad = jnp.pad(q_thc, ((0, pad), (0, 0), (0, 0)))
+    ext = jnp.concatenate([win_wc, kv_tc, jnp.zeros((pad, c), kv_tc.dtype)], axis=0)  # [W + Tp, c]
+    if index is not None:
+        qi, wi, ki = index
+        qi = jnp.pad(qi, ((0, pad), (0, 0), (0, 0)))
+        wi = jnp.pad(wi, ((0, pad), (0, 0)))
+
+    def one_block(bi):
+        j0 = bi * block
+        q = jax.lax.dynamic_slice_in_dim(q_pad, j0, block)  # [Q, H, c]
+        keys = jax.lax.dynamic_slice_in_dim(ext, j0, block + window)  # [Q+W, c]
+        jj = jnp.arange(block)[:, None]
+        r = jnp.arange(block + window)[None, :]
+        win_ok = (r >= jj + 1) & (r <= jj + window) & (j0 + r >= window - start)
+        logits = [jnp.where(win_ok[:, None, :], _qk(q, keys, scale), -jnp.inf)]
+        pos = start + j0 + jnp.arange(block)  # [Q]
+        idx = None
+        if ratio:
+            visible = (pos + 1) // ratio  # entries i < visible are causal
+            if index is None:  # HCA: every causal entry
+                ok = jnp.arange(comp_nc.shape[0])[None, :] < visible[:, None]
+                logits.append(jnp.where(ok[:, None, :], _qk(q, comp_nc, scale), -jnp.inf))
+                vals = comp_nc
+            else:  # CSA: indexer top-k, then a gather
+                qb = jax.lax.dynamic_slice_in_dim(qi, j0, block)
+                wb = jax.lax.dynamic_slice_in_dim(wi, j0, block)
+                idx = select_topk(qb, wb, ki, visible, topk)  # [Q, k], -1 = none
+                vals = comp_nc[jnp.maximum(idx, 0)]  # [Q, k, c]
+                lg = jnp.einsum("qhc,qkc->qhk", q, vals, precision=HIGHEST) * scale
+                logits.append(jnp.where((idx >= 0)[:, None, :], lg, -jnp.inf))
+        o = _sink_softmax_mix(logits, keys, vals if ratio else None, sink_h)
+        return o, idx
+
+    o, idx = jax.lax.map(one_block, jnp.arange(nblk))
+    o = o.reshape(tp, h, c)[:t]
+    if idx is not None:
+        idx = idx.reshape(tp, -1)[:t]
+    return o, idx
+
+
+def _qk(q_qhc, k_kc, scale):
+    return jnp.einsum("qhc,kc->qhk", q_qhc, k_kc, precision=HIGHEST).astype(jnp.float32) * scale
+
+
+def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
+    """One softmax over [window | compressed] logits with exp(sink) in the denominator; K = V."""
+    lg = jnp.concatenate([l.astype(jnp.float32) for l in logits], axis=-1)  # [Q, H, K]
+    sink = sink_h.astype(jnp.float32)[None, :]
+    mx = jnp.maximum(jnp.max(lg, axis=-1), sink)  # [Q, H], finite thanks to the sink
+    p = jnp.exp(lg - mx[..., None])
+    den = jnp.sum(p, axis=-1) + jnp.exp(sink - mx)
+    p = (p / den[..., None]).astype(win_keys.dtype)
+    nw = win_keys.shape[0]
+    o = jnp.einsum("qhk,kc->qhc", p[..., :nw], win_keys, precision=HIGHEST)
+    if comp_vals is not None:
+        eq = "qhk,qkc->qhc" if comp_vals.ndim == 3 else "qhk,kc->qhc"
+        o = o + jnp.einsum(eq, p[..., nw:], comp_vals, precision=HIGHEST)
+    return o
+
+
+def select_topk(q_qhd, w_qh, k_nd, visible_q, topk):
+    """Index scores sum_h w[q,h] relu(q[q,h].k[n]) over causal entries -> top-k entry ids, -1 = none."""
+    n = k_nd.shape[0]
+    s = jnp.einsum("qhd,nd->qhn", q_qhd, k_nd, precision=HIGHEST).astype(jnp.float32)
+    s = jnp.einsum("qhn,qh->qn", jax.nn.relu(s), w_qh, precision=HIGHEST)
+    ok = jnp.arange(n)[None, :] < visible_q[:, None]
+    s = jnp.where(ok, s, -jnp.inf)
+    _, idx = jax.lax.top_k(s, min(topk, n))
+    return jnp.where(idx < visible_q[:, None], idx, -1)

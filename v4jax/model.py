@@ -1,0 +1,195 @@
+"""The DeepSeek-V4 network (spec §2, §9): embed -> 4 mHC streams -> blocks -> HC head -> norm -> head,
+plus the multi-token-prediction block.
+
+Module attribute paths mirror the released checkpoint names (`layers.3.attn.wq_a.weight`, ...);
+`checkpoint.py` holds the few renames (stacked experts, `hc_attn_fn` vs `hc_attn.fn`).
+
+Everything stateful is explicit: `Transformer.__call__(ids, start, state)` returns the new decode
+state; with `state=None` it is the stateless training / full-sequence forward. Jitted callers use the
+pure pattern `nnx.split` -> `jax.jit(f)(params, ...)` with `nnx.merge` inside (see `forward_fn`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .attention import Attention
+from .config import ModelConfig
+from .layers import HIGHEST, HyperConnection, HyperHead, Linear, RMSNorm, param
+from .moe import MoE
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, layer, rngs)
+        self.ffn = MoE(cfg, layer, rngs)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps, cfg.param_dtype)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps, cfg.param_dtype)
+        self.hc_attn = HyperConnection(cfg, rngs)
+        self.hc_ffn = HyperConnection(cfg, rngs)
+
+    def __call__(self, x_btnd, ids_bt, start_b, state, forced_idx=None):
+        y, post, comb = self.hc_attn.pre(x_btnd)
+        a, state, topk = self.attn(self.attn_norm(y), start_b, state)
+        x_btnd = HyperConnection.post(a, x_btnd, post, comb)
+        y, post, comb = self.hc_ffn.pre(x_btnd)
+        f, aux = self.ffn(self.ffn_norm(y), ids_bt, forced_idx)
+        x_btnd = HyperConnection.post(f, x_btnd, post, comb)
+        aux["topk"] = topk
+        return x_btnd, state, aux
+
+
+class MTPBlock(Block):
+    """x0 = e_proj(enorm(embed(next ids))) on every stream + h_proj(hnorm(main streams)); one Block;
+    own HC head and norm; the main model's embedding and head."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        super().__init__(cfg, layer, rngs)
+        d = cfg.dim
+        self.e_proj = Linear(cfg, d, d, ("embed_out", "embed"), rngs)
+        self.h_proj = Linear(cfg, d, d, ("embed_out", "embed"), rngs)
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, cfg.param_dtype)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, cfg.param_dtype)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, cfg.param_dtype)
+        self.hc_head = HyperHead(cfg, rngs)
+
+    def inputs(self, h_btnd, emb_btd):
+        return self.e_proj(self.enorm(emb_btd))[:, :, None, :] + self.h_proj(self.hnorm(h_btnd))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        v, d = cfg.vocab_size, cfg.dim
+        self.embed = Embedding(cfg, rngs)
+        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, cfg.param_dtype)
+        self.head = Linear(cfg, d, v, ("vocab", "embed"), rngs, role="head")
+        self.hc_head = HyperHead(cfg, rngs)
+        self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs) for i in range(cfg.n_mtp)])
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, batch: int, context: int) -> dict:
+        """Decode state for `batch` sequences of up to `context` tokens (main layers and MTP blocks)."""
+        dt = jnp.dtype(self.cfg.dtype)
+        return {"layers": [blk.attn.empty_state(batch, context, dt) for blk in self.layers],
+                "mtp": [blk.attn.empty_state(batch, context, dt) for blk in self.mtp]}
+
+    # ---------------------------------------------------------------- forward
+    def logits(self, x_btnd, hc_head: HyperHead, norm: RMSNorm):
+        h = norm(hc_head(x_btnd))
+        return jnp.einsum("btd,vd->btv", h.astype(jnp.float32), self.head.weight[...].astype(jnp.float32),
+                          precision=HIGHEST)
+
+    def __call__(self, ids_bt, start_b=None, state=None, *, collect=False, forced_idx=None):
+        """ids [B, T] at positions start_b[b] + t -> dict(logits [B,T,V], streams [B,T,n,d], state, aux)."""
+        b, t = ids_bt.shape
+        if start_b is None:
+            start_b = jnp.zeros((b,), jnp.int32)
+        x = self.embed(ids_bt)
+        x = jnp.broadcast_to(x[:, :, None, :], (b, t, self.cfg.hc_mult, x.shape[-1]))
+        new_states, auxes, hidden = [], [], []
+        for i, blk in enumerate(self.layers):
+            fi = None if forced_idx is None else forced_idx[i]
+            x, st, aux = blk(x, ids_bt, start_b, None if state is None else state["layers"][i], fi)
+            new_states.append(st)
+            auxes.append(aux)
+            if collect:
+                hidden.append(x)
+        out = {"logits": self.logits(x, self.hc_head, self.norm), "streams": x, "aux": auxes,
+               "state": {"layers": new_states, "mtp": None if state is None else state["mtp"]}}
+        if collect:
+            out["hidden"] = hidden
+        return out
+
+    def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0):
+        """MTP block k on main streams h (positions t) with tokens t+1 -> (logits predicting t+2, state)."""
+        blk = self.mtp[k]
+        b = h_btnd.shape[0]
+        if start_b is None:
+            start_b = jnp.zeros((b,), jnp.int32)
+        x = blk.inputs(h_btnd, self.embed(next_ids_bt))
+        x, st, _ = blk(x, next_ids_bt, start_b, state)
+        return self.logits(x, blk.hc_head, blk.norm), st
+
+
+class Embedding(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.weight = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), "embed",
+                            std=cfg.initializer_range, dtype=cfg.param_dtype)
+
+    def __call__(self, ids):
+        return self.weight[...][ids].astype(self.dtype)
+
+
+# -------------------------------------------------------------------- construction & counting
+def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def abstract(cfg: ModelConfig) -> Transformer:
+    """The model with ShapeDtypeStruct leaves (no allocation)."""
+    return nnx.eval_shape(lambda: build(cfg))
+
+
+def count_params(cfg: ModelConfig) -> dict:
+    """Parameter counts from shapes (jax.eval_shape, no allocation).
+
+    total / active include both embedding matrices, the balancing biases and the MTP block(s);
+    `active` counts num_experts_per_tok routed experts per MoE layer; `*_main` leave MTP out.
+    """
+    model = abstract(cfg)
+    state = nnx.state(model, nnx.Param)
+    total = mtp = expert = 0
+    for path, var in nnx.to_flat_state(state):
+        n = int(np.prod(var.shape))
+        total += n
+        if path[0] == "mtp":
+            mtp += n
+        if var.get_metadata().get("role") == "expert":
+            expert += n
+    n_bias = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, BalanceBiasFilter)))
+    total += n_bias
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    active = total - expert + expert * k // e
+    mtp_expert = expert * cfg.n_mtp // (cfg.num_hidden_layers + cfg.n_mtp)
+    mtp_active = mtp - mtp_expert + mtp_expert * k // e
+    return {"total": total, "active": active, "mtp": mtp,
+            "total_main": total - mtp, "active_main": active - mtp_active}
+
+
+def _is_balance_bias(path, var) -> bool:
+    from .layers import BalanceBias
+    return isinstance(var, BalanceBias)
+
+
+BalanceBiasFilter = _is_balance_bias
+
+
+# -------------------------------------------------------------------- jitted pure functions
+@functools.lru_cache(maxsize=16)
+def _jitted(graphdef, kind: str, collect: bool):
+    if kind == "forward":
+        def f(params, ids, start, state):
+            out = nnx.merge(graphdef, params)(ids, start, state, collect=collect)
+            return out
+    elif kind == "mtp":
+        def f(params, h, next_ids, start, state):
+            return nnx.merge(graphdef, params).mtp_logits(h, next_ids, start, state)
+    else:
+        raise ValueError(kind)
+    return jax.jit(f)
+
+
+def forward_fn(graphdef, collect: bool = False):
+    """jit((params, ids, start, state) -> outputs dict), cached per graphdef."""
+    return _jitted(graphdef, "forward", collect)
+
+
+def mtp_fn(graphdef):
+    return _jitted(graphdef, "mtp", False)

@@ -1,0 +1,82 @@
+"""Scoring: logits for every position of given token sequences, from one full forward or from a
+prefill followed by one-token decode steps, plus the MTP block's logits.
+
+This is the interface every parity check builds on (`infer.py score`). The decode path uses the
+same chunk function as training with an explicit, donated decode state.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .model import Transformer
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be a 2-D integer array [batch, seq], got shape {list(tokens.shape)}")
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = int(tokens.max()) if tokens.max() >= vocab_size else int(tokens.min())
+        raise ValueError(f"token id {bad} is out of range: the model's vocab_size is {vocab_size}")
+    return tokens.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_fns(graphdef):
+    def run(params, ids, start, state):
+        out = nnx.merge(graphdef, params)(ids, start, state)
+        return out["logits"], out["state"]
+
+    def full(params, ids):
+        out = nnx.merge(graphdef, params)(ids)
+        return out["logits"], out["streams"]
+
+    def mtp(params, h, next_ids):
+        return nnx.merge(graphdef, params).mtp_logits(h, next_ids)[0]
+
+    return jax.jit(run, donate_argnums=(3,)), jax.jit(full), jax.jit(mtp)
+
+
+def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool = True) -> dict:
+    """-> {"logits": [B, S, V] float32, "mtp_logits": [B, S-1, V] (if the model has MTP)}."""
+    cfg = model.cfg
+    ids = jnp.asarray(check_tokens(tokens, cfg.vocab_size))
+    b, s = ids.shape
+    if s > cfg.max_position_embeddings:
+        raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings={cfg.max_position_embeddings}")
+    graphdef, params = nnx.split(model)
+    run, full, mtp = _step_fns(graphdef)
+    logits, streams = full(params, ids)
+    out = {}
+    if prefill is None:
+        out["logits"] = np.asarray(logits, np.float32)
+    else:
+        if not 0 < prefill <= s:
+            raise ValueError(f"--prefill must be within 1..{s}, got {prefill}")
+        out["logits"] = prefill_decode_logits(model, ids, prefill, run, params)
+    if with_mtp and cfg.n_mtp and s > 1:
+        out["mtp_logits"] = np.asarray(mtp(params, streams[:, :-1], ids[:, 1:]), np.float32)
+    return out
+
+
+def prefill_decode_logits(model: Transformer, ids, prefill: int, run=None, params=None) -> np.ndarray:
+    """Logits of positions 0..N-1 from one prefill call, then of N..S-1 from one-token steps."""
+    if run is None:
+        graphdef, params = nnx.split(model)
+        run = _step_fns(graphdef)[0]
+    b, s = ids.shape
+    state = model.init_state(b, s)
+    start = jnp.zeros((b,), jnp.int32)
+    logits, state = run(params, ids[:, :prefill], start, state)
+    chunks = [np.asarray(logits, np.float32)]
+    for p in range(prefill, s):
+        logits, state = run(params, ids[:, p:p + 1], start + p, state)
+        chunks.append(np.asarray(logits, np.float32))
+    return np.concatenate(chunks, axis=1)

@@ -1,0 +1,104 @@
+"""One table maps logical axes (declared where each parameter is created) to mesh axes.
+
+Mesh axes: `data` (batch), `fsdp` (batch + weight sharding), `expert` (routed experts), `tensor`
+(heads, expert FFN width, vocabulary). A mesh axis that does not divide a dimension is dropped for
+that parameter (it is replicated along it) so tiny configs shard on any mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes), None = replicated
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "embed_out": None,
+    "q_lora": None,
+    "heads_dim": "tensor",  # n_h * head_dim, query heads
+    "heads": "tensor",
+    "kv": None,
+    "o_in": "tensor",
+    "o_lora": "tensor",
+    "idx_heads_dim": "tensor",
+    "idx_heads": "tensor",
+    "comp_out": None,
+    "ratio": None,
+    "experts": "expert",
+    "experts_r": None,  # router rows: every device routes
+    "moe_mlp": "tensor",
+    "hc_mix": None,
+    "hc_head": None,
+    "hc_dim": None,
+    "hc_gate": None,
+    "norm": None,
+    "vocab_r": None,
+    "topk": None,
+}
+
+
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """"data=2,expert=2,tensor=2" -> {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}."""
+    sizes = {a: 1 for a in MESH_AXES}
+    if spec:
+        for part in spec.split(","):
+            name, _, val = part.partition("=")
+            name = name.strip()
+            if name not in sizes or not val.strip().isdigit():
+                raise ValueError(f"bad --mesh entry '{part}': use axis=N with axis in {MESH_AXES}")
+            sizes[name] = int(val)
+    return sizes
+
+
+def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
+    sizes = parse_mesh(spec) if not isinstance(spec, dict) else {a: spec.get(a, 1) for a in MESH_AXES}
+    devices = list(devices if devices is not None else jax.devices())
+    n = math.prod(sizes.values())
+    if spec is None:
+        sizes["data"], n = 1, 1
+    if n > len(devices):
+        raise ValueError(f"mesh {sizes} needs {n} devices, only {len(devices)} available")
+    arr = np.array(devices[:n]).reshape(tuple(sizes[a] for a in MESH_AXES))
+    return Mesh(arr, MESH_AXES)
+
+
+def spec_for(axes, shape, mesh: Mesh) -> P:
+    """PartitionSpec for logical `axes` of an array of `shape` on `mesh` (non-dividing axes dropped)."""
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(axes, shape):
+        rule = RULES.get(name) if name is not None else None
+        if name is not None and name not in RULES:
+            raise KeyError(f"logical axis '{name}' has no sharding rule")
+        mesh_axes = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        keep = []
+        for a in mesh_axes:
+            size = mesh.shape[a]
+            if size > 1 and a not in used and dim % (size * math.prod(mesh.shape[k] for k in keep)) == 0:
+                keep.append(a)
+        used.update(keep)
+        out.append(None if not keep else (keep[0] if len(keep) == 1 else tuple(keep)))
+    return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """NamedSharding for every Variable of an (abstract or concrete) nnx.State, from its `axes`."""
+    def one(var):
+        axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
+        return var.replace(NamedSharding(mesh, spec_for(axes, var.shape, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch-first arrays: dim 0 over (data, fsdp)."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
