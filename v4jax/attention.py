@@ -32,7 +32,7 @@ from .layers import HIGHEST, Linear, RMSNorm, apply_rope, param, rms_norm, rope_
 class Indexer(nnx.Module):
     """Lightning indexer: scores compressed entries for each query, picks the top-k (CSA only)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         self.wq_b = Linear(cfg, cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, ("idx_heads_dim", "q_lora"), rngs)
         self.weights_proj = Linear(cfg, cfg.dim, cfg.index_n_heads, ("idx_heads", "embed"), rngs)
@@ -51,7 +51,7 @@ class Indexer(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs):
         h, c, g = cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
         self.cfg = cfg
         self.ratio = cfg.layer_ratio(layer)

@@ -28,7 +28,7 @@ NEG = -1e30  # "minus infinity" for gate logits that stays finite (no NaN in mas
 class Compressor(nnx.Module):
     """Overlapping (ratio 4, 8 slots per entry) or plain (any other ratio) gated KV compressor."""
 
-    def __init__(self, cfg: ModelConfig, ratio: int, width: int, rotate: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, ratio: int, width: int, rotate: bool, rngs):
         self.ratio, self.width, self.rotate = ratio, width, rotate
         self.overlap = ratio == 4
         self.rd = cfg.qk_rope_head_dim

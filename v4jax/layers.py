@@ -28,11 +28,20 @@ class BalanceBias(nnx.Variable):
     """Aux-loss-free balancing bias: moved by the load rule outside the optimiser, used for selection only."""
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
+class Keys:
+    """Deterministic per-parameter PRNG keys: fold_in(seed key, creation index).
+
+    (Used instead of nnx.Rngs, whose stateful counter costs ~30 ms per draw under eval_shape.)"""
+
+    def __init__(self, seed: int = 0):
+        self.base, self.count = jax.random.key(seed), 0
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.base, self.count)
 
 
-def param(rngs: nnx.Rngs | None, shape, axes, role: str, init: str = "normal", std: float = 0.02,
+def param(rngs: Keys | None, shape, axes, role: str, init: str = "normal", std: float = 0.02,
           dtype="float32", value=None, kind=nnx.Param):
     """One parameter; `init` in {"normal", "zeros", "ones", "const"}; axes has one logical name per dim."""
     assert len(axes) == len(shape), (shape, axes)
@@ -40,7 +49,7 @@ def param(rngs: nnx.Rngs | None, shape, axes, role: str, init: str = "normal", s
     if value is not None:
         arr = jnp.full(shape, value, dt)
     elif init == "normal":
-        arr = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dt)
+        arr = (std * jax.random.normal(rngs(), shape, jnp.float32)).astype(dt)
     elif init == "zeros":
         arr = jnp.zeros(shape, dt)
     elif init == "ones":
@@ -58,7 +67,7 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 class Linear(nnx.Module):
     """A bias-free projection; `weight` is [out, in] like the checkpoint."""
 
-    def __init__(self, cfg: ModelConfig, fan_in: int, fan_out: int, axes, rngs: nnx.Rngs, role: str = "matrix"):
+    def __init__(self, cfg: ModelConfig, fan_in: int, fan_out: int, axes, rngs, role: str = "matrix"):
         self.weight = param(rngs, (fan_out, fan_in), axes, role, std=init_std(cfg, fan_in), dtype=cfg.param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,7 +168,7 @@ def _hc_mixes(x_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, 
 class HyperConnection(nnx.Module):
     """mHC around one sub-layer: pre (collapse n streams) and post (expand + Sinkhorn mix)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         n, d = cfg.hc_mult, cfg.dim
         self.n, self.iters, self.hc_eps, self.norm_eps = n, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
         mix = (2 + n) * n
@@ -188,7 +197,7 @@ class HyperConnection(nnx.Module):
 class HyperHead(nnx.Module):
     """Final collapse of the n streams: weights sigmoid(scale*mix + base) + eps, no Sinkhorn."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         n, d = cfg.hc_mult, cfg.dim
         self.hc_eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
         self.fn = param(rngs, (n, n * d), ("hc_head", "hc_dim"), "matrix", std=cfg.initializer_range)

@@ -19,12 +19,12 @@ from flax import nnx
 
 from .attention import Attention
 from .config import ModelConfig
-from .layers import HIGHEST, HyperConnection, HyperHead, Linear, RMSNorm, param
+from .layers import HIGHEST, HyperConnection, HyperHead, Keys, Linear, RMSNorm, param
 from .moe import MoE
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs):
         self.attn = Attention(cfg, layer, rngs)
         self.ffn = MoE(cfg, layer, rngs)
         self.attn_norm = RMSNorm(cfg.dim, cfg.rms_norm_eps, cfg.param_dtype)
@@ -47,7 +47,7 @@ class MTPBlock(Block):
     """x0 = e_proj(enorm(embed(next ids))) on every stream + h_proj(hnorm(main streams)); one Block;
     own HC head and norm; the main model's embedding and head."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs):
         super().__init__(cfg, layer, rngs)
         d = cfg.dim
         self.e_proj = Linear(cfg, d, d, ("embed_out", "embed"), rngs)
@@ -62,7 +62,7 @@ class MTPBlock(Block):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         self.cfg = cfg
         v, d = cfg.vocab_size, cfg.dim
         self.embed = Embedding(cfg, rngs)
@@ -118,7 +118,7 @@ class Transformer(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         self.dtype = jnp.dtype(cfg.dtype)
         self.weight = param(rngs, (cfg.vocab_size, cfg.dim), ("vocab", "embed"), "embed",
                             std=cfg.initializer_range, dtype=cfg.param_dtype)
@@ -129,7 +129,7 @@ class Embedding(nnx.Module):
 
 # -------------------------------------------------------------------- construction & counting
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    return Transformer(cfg, nnx.Rngs(params=seed))
+    return Transformer(cfg, Keys(seed))
 
 
 def abstract(cfg: ModelConfig) -> Transformer:

@@ -29,7 +29,7 @@ def swiglu(gate, up, limit: float):
 
 
 class Gate(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs):
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.k, self.score_func, self.route_scale = k, cfg.scoring_func, cfg.routed_scaling_factor
         self.is_hash = cfg.is_hash_layer(layer)
@@ -67,7 +67,7 @@ class Gate(nnx.Module):
 
 
 class SharedExpert(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         f, d = cfg.moe_intermediate_size, cfg.dim
         self.limit = cfg.swiglu_limit
         self.w1 = Linear(cfg, d, f, ("moe_mlp", "embed"), rngs)
@@ -79,7 +79,7 @@ class SharedExpert(nnx.Module):
 
 
 class Experts(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs):
         e, f, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.dim
         self.limit = cfg.swiglu_limit
         kw = dict(role="expert", dtype=cfg.param_dtype)
@@ -107,7 +107,7 @@ class Experts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs):
         self.cfg = cfg
         self.gate = Gate(cfg, layer, rngs)
         self.experts = Experts(cfg, rngs)

@@ -97,8 +97,6 @@ def state_shardings(state: nnx.State, mesh: Mesh):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch-first arrays: dim 0 over (data, fsdp)."""
-    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    first = None if not axes else (axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """Batch-first arrays: dim 0 over (data, fsdp) where those divide it, the rest replicated."""
+    return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh))

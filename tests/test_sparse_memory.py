@@ -1,0 +1,58 @@
+"""Sparse by construction: the compiled full-sequence forward of the tiny config holds no S x S or
+S x S/m buffer, and its temporary memory grows linearly with S (compiled only, nothing allocated)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from v4jax import model as M
+from v4jax.config import ModelConfig
+
+SHAPE = re.compile(r"\b(?:f|bf|s|u|pred)(?:\d+)?\[([\d,]+)\]")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    cfg = ModelConfig.tiny()
+    g, p = nnx.split(M.abstract(cfg))
+
+    def fwd(params, ids):
+        return nnx.merge(g, params)(ids)["logits"]
+
+    out = {}
+    for s in (8192, 12288, 16384):
+        c = jax.jit(fwd).lower(p, jax.ShapeDtypeStruct((1, s), jnp.int32)).compile()
+        dims = [tuple(int(x) for x in m.split(",")) for m in set(SHAPE.findall(c.as_text())) if m]
+        out[s] = (c.memory_analysis().temp_size_in_bytes, dims)
+    return cfg, out
+
+
+def test_temp_memory_grows_linearly(compiled):
+    _, out = compiled
+    ratio = out[16384][0] / out[8192][0]
+    print(f"compiled temp memory: S=8192 {out[8192][0] / 2**20:.1f} MiB, S=16384 {out[16384][0] / 2**20:.1f} MiB, "
+          f"ratio {ratio:.3f} (linear 2, quadratic 4)")
+    assert ratio < 2.3, ratio
+
+
+def test_no_quadratic_buffer(compiled):
+    cfg, out = compiled
+    ratios = sorted({r for r in cfg.compress_ratios if r} | {1})
+    widths = {int(d) for _, v in nnx.to_flat_state(nnx.state(M.abstract(cfg))) for d in v.shape}
+    checked = 0
+    for s, (_, shapes) in out.items():
+        # S/m values equal to a model width (e.g. vocab 512 = 8192/16) are ambiguous at that S;
+        # S = 12288 has none, so every ratio is checked at least there
+        for m in [m for m in ratios if s // m not in widths]:
+            checked += 1
+            for dims in shapes:
+                rest = list(dims)
+                if s in rest:
+                    rest.remove(s)
+                    assert s // m not in rest, f"S={s}: buffer {list(dims)} pairs S with S/{m}"
+    assert checked >= len(ratios) * 2
+    # and the largest single buffer doubles, not quadruples, when S doubles
+    largest = {s: max(int(jnp.prod(jnp.array(d))) for d in shapes) for s, (_, shapes) in out.items()}
+    assert largest[16384] <= 2 * largest[8192], largest
