@@ -83,3 +83,18 @@ def test_qat_simulation_statistics(loaded, expected, variant):
     # and the simulation really is on: without it the QAT logits are further away
     plain = np.asarray(M.forward_fn(g)(p, ids, jnp.zeros((1,), jnp.int32), None)["logits"][0])
     assert np.linalg.norm(plain - ref) / np.linalg.norm(ref) > rel
+
+
+def test_bfloat16_compute_tracks_fp32(expected):
+    """bf16 weights and activations: statistically close to the fp32 reference (no parity claim)."""
+    from conftest import fixture_dir
+    from v4jax import checkpoint
+    m = checkpoint.load_hub(fixture_dir("tiny-a-bf16"), dtype="bfloat16", param_dtype="bfloat16")
+    e = expected["tiny-a-bf16"]
+    ids = jnp.asarray(e["tokens"][:, :200])
+    g, p = nnx.split(m)
+    got = np.asarray(M.forward_fn(g)(p, ids, jnp.zeros((2,), jnp.int32), None)["logits"])
+    ref = e["logits_full"][:, :200]
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 0.15 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9, rel
