@@ -98,3 +98,20 @@ def test_bfloat16_compute_tracks_fp32(expected):
     assert got.dtype == np.float32 and np.isfinite(got).all()
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel < 0.15 and (got.argmax(-1) == ref.argmax(-1)).mean() > 0.9, rel
+
+
+def test_chunked_prefill_equals_full_forward(loaded, expected):
+    """Prefill in uneven chunks continuing the decode state (beyond the official code) == full forward."""
+    e = expected["tiny-a-fp8"]
+    m = loaded["tiny-a-fp8"]
+    run = scoring._chunk_step(nnx.graphdef(m))
+    params = nnx.state(m)
+    ids = jnp.asarray(e["tokens"])
+    state = m.init_state(2, ids.shape[1])
+    pos, parts = 0, []
+    for size in (37, 150, 37, 150, 170):  # crosses window, 4- and 16-token block boundaries mid-block
+        logits, state = run(params, ids[:, pos:pos + size], jnp.full((2,), pos, jnp.int32), state)
+        parts.append(np.asarray(logits))
+        pos += size
+    assert pos == 544
+    assert np.abs(np.concatenate(parts, axis=1) - e["logits_full"]).max() <= TOL

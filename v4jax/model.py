@@ -19,7 +19,7 @@ from flax import nnx
 
 from .attention import Attention
 from .config import ModelConfig
-from .layers import HIGHEST, HyperConnection, HyperHead, Keys, Linear, RMSNorm, param
+from .layers import HIGHEST, BalanceBias, HyperConnection, HyperHead, Keys, Linear, RMSNorm, param
 from .moe import MoE
 
 
@@ -153,7 +153,7 @@ def count_params(cfg: ModelConfig) -> dict:
             mtp += n
         if var.get_metadata().get("role") == "expert":
             expert += n
-    n_bias = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, BalanceBiasFilter)))
+    n_bias = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, BalanceBias)))
     total += n_bias
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     active = total - expert + expert * k // e
@@ -163,33 +163,20 @@ def count_params(cfg: ModelConfig) -> dict:
             "total_main": total - mtp, "active_main": active - mtp_active}
 
 
-def _is_balance_bias(path, var) -> bool:
-    from .layers import BalanceBias
-    return isinstance(var, BalanceBias)
-
-
-BalanceBiasFilter = _is_balance_bias
-
-
 # -------------------------------------------------------------------- jitted pure functions
 @functools.lru_cache(maxsize=16)
-def _jitted(graphdef, kind: str, collect: bool):
-    if kind == "forward":
-        def f(params, ids, start, state):
-            out = nnx.merge(graphdef, params)(ids, start, state, collect=collect)
-            return out
-    elif kind == "mtp":
-        def f(params, h, next_ids, start, state):
-            return nnx.merge(graphdef, params).mtp_logits(h, next_ids, start, state)
-    else:
-        raise ValueError(kind)
+def forward_fn(graphdef, collect: bool = False):
+    """jit((params, ids, start, state) -> outputs dict), cached per graphdef."""
+    def f(params, ids, start, state):
+        return nnx.merge(graphdef, params)(ids, start, state, collect=collect)
+
     return jax.jit(f)
 
 
-def forward_fn(graphdef, collect: bool = False):
-    """jit((params, ids, start, state) -> outputs dict), cached per graphdef."""
-    return _jitted(graphdef, "forward", collect)
-
-
+@functools.lru_cache(maxsize=16)
 def mtp_fn(graphdef):
-    return _jitted(graphdef, "mtp", False)
+    """jit((params, main streams, next ids, start, state) -> (MTP logits, state))."""
+    def f(params, h, next_ids, start, state):
+        return nnx.merge(graphdef, params).mtp_logits(h, next_ids, start, state)
+
+    return jax.jit(f)

@@ -71,24 +71,23 @@ def _block_scale(x_blk: jax.Array, qmax: float, floor: float) -> jax.Array:
     return _pow2_ceil(amax * np.float32(1.0 / qmax))
 
 
-def fp8_sim(x: jax.Array, block: int = 64, return_scale: bool = False):
-    """FP8 e4m3 quantise-dequantise along the last dim in blocks, power-of-two scales (official act_quant)."""
+def _block_sim(x, block, qmax, floor, qdtype, return_scale):
     dtype = x.dtype
     xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // block, block))
-    s = _block_scale(xb, FP8_MAX, FP8_AMAX_FLOOR)
-    q = jnp.clip(xb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    s = _block_scale(xb, qmax, floor)
+    q = jnp.clip(xb / s, -qmax, qmax).astype(qdtype)
     y = (q.astype(jnp.float32) * s).reshape(x.shape).astype(dtype)
     return (y, q.reshape(x.shape), s[..., 0]) if return_scale else y
+
+
+def fp8_sim(x: jax.Array, block: int = 64, return_scale: bool = False):
+    """FP8 e4m3 quantise-dequantise along the last dim in blocks, power-of-two scales (official act_quant)."""
+    return _block_sim(x, block, FP8_MAX, FP8_AMAX_FLOOR, jnp.float8_e4m3fn, return_scale)
 
 
 def fp4_sim(x: jax.Array, block: int = 32, return_scale: bool = False):
     """FP4 e2m1 quantise-dequantise along the last dim in blocks of 32, power-of-two scales."""
-    dtype = x.dtype
-    xb = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // block, block))
-    s = _block_scale(xb, FP4_MAX, FP4_AMAX_FLOOR)
-    q = jnp.clip(xb / s, -FP4_MAX, FP4_MAX).astype(jnp.float4_e2m1fn)
-    y = (q.astype(jnp.float32) * s).reshape(x.shape).astype(dtype)
-    return (y, q.reshape(x.shape), s[..., 0]) if return_scale else y
+    return _block_sim(x, block, FP4_MAX, FP4_AMAX_FLOOR, jnp.float4_e2m1fn, return_scale)
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .model import Transformer
+from .model import Transformer, forward_fn, mtp_fn
 
 
 def check_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -29,19 +29,13 @@ def check_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _step_fns(graphdef):
+def _chunk_step(graphdef):
+    """jit((params, ids chunk, start, state) -> (logits, new state)) with the state donated."""
     def run(params, ids, start, state):
         out = nnx.merge(graphdef, params)(ids, start, state)
         return out["logits"], out["state"]
 
-    def full(params, ids):
-        out = nnx.merge(graphdef, params)(ids)
-        return out["logits"], out["streams"]
-
-    def mtp(params, h, next_ids):
-        return nnx.merge(graphdef, params).mtp_logits(h, next_ids)[0]
-
-    return jax.jit(run, donate_argnums=(3,)), jax.jit(full), jax.jit(mtp)
+    return jax.jit(run, donate_argnums=(3,))
 
 
 def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool = True) -> dict:
@@ -52,25 +46,24 @@ def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool
     if s > cfg.max_position_embeddings:
         raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings={cfg.max_position_embeddings}")
     graphdef, params = nnx.split(model)
-    run, full, mtp = _step_fns(graphdef)
-    logits, streams = full(params, ids)
+    full = forward_fn(graphdef)(params, ids, jnp.zeros((b,), jnp.int32), None)
     out = {}
     if prefill is None:
-        out["logits"] = np.asarray(logits, np.float32)
+        out["logits"] = np.asarray(full["logits"], np.float32)
     else:
         if not 0 < prefill <= s:
             raise ValueError(f"--prefill must be within 1..{s}, got {prefill}")
-        out["logits"] = prefill_decode_logits(model, ids, prefill, run, params)
+        out["logits"] = prefill_decode_logits(model, ids, prefill)
     if with_mtp and cfg.n_mtp and s > 1:
-        out["mtp_logits"] = np.asarray(mtp(params, streams[:, :-1], ids[:, 1:]), np.float32)
+        mtp_logits, _ = mtp_fn(graphdef)(params, full["streams"][:, :-1], ids[:, 1:], None, None)
+        out["mtp_logits"] = np.asarray(mtp_logits, np.float32)
     return out
 
 
-def prefill_decode_logits(model: Transformer, ids, prefill: int, run=None, params=None) -> np.ndarray:
+def prefill_decode_logits(model: Transformer, ids, prefill: int) -> np.ndarray:
     """Logits of positions 0..N-1 from one prefill call, then of N..S-1 from one-token steps."""
-    if run is None:
-        graphdef, params = nnx.split(model)
-        run = _step_fns(graphdef)[0]
+    graphdef, params = nnx.split(model)
+    run = _chunk_step(graphdef)
     b, s = ids.shape
     state = model.init_state(b, s)
     start = jnp.zeros((b,), jnp.int32)
