@@ -85,14 +85,21 @@ class Attention(nnx.Module):
         return st
 
     # ---------------------------------------------------------------- forward
-    def __call__(self, x_btd: jax.Array, start_b: jax.Array, state: dict | None):
-        """x [B, T, d] at positions start_b[b] + t -> (out [B, T, d], new state, top-k idx or None)."""
+    def __call__(self, x_btd: jax.Array, start_b: jax.Array, state: dict | None, pos_bt=None, seg_bt=None):
+        """x [B, T, d] at positions start_b[b] + t -> (out [B, T, d], new state, top-k idx or None).
+
+        Packed training passes per-token `pos_bt` (restarting per document) and `seg_bt` (document
+        ids): nothing attends across documents. Documents must start at multiples of every
+        compression ratio (the data packer aligns them) so compressed blocks never straddle two."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         dtype = x_btd.dtype
         if state is None:
             state = self.empty_state(b, t, dtype)
-        pos_bt = start_b[:, None] + jnp.arange(t)[None, :]
+        if pos_bt is None:
+            pos_bt = start_b[:, None] + jnp.arange(t)[None, :]
+        if seg_bt is None:
+            seg_bt = jnp.zeros((b, t), jnp.int32)
         inv_freq = rope_inv_freq(cfg, compressed_layer=self.ratio > 0)
         cos, sin = rope_cos_sin(pos_bt, inv_freq)  # [B, T, rd/2]
 
@@ -106,16 +113,18 @@ class Attention(nnx.Module):
             kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
 
         new_state = {"win": jnp.concatenate([state["win"], kv], axis=1)[:, t:]}
-        comp_kv = index = None
+        comp = index = None
         if self.ratio:
-            new_state["comp"] = self.compressor(x_btd, pos_bt, start_b, state["comp"], inv_freq, cfg.qat_sim)
-            comp_kv = new_state["comp"]["kv"]
+            new_state["comp"], ent_seg = self.compressor(x_btd, pos_bt, seg_bt, start_b, state["comp"], inv_freq,
+                                                         cfg.qat_sim)
+            comp = (new_state["comp"]["kv"], ent_seg)
         if self.ratio == 4:
-            new_state["index"] = self.indexer.compressor(x_btd, pos_bt, start_b, state["index"], inv_freq, cfg.qat_sim)
+            new_state["index"], _ = self.indexer.compressor(x_btd, pos_bt, seg_bt, start_b, state["index"], inv_freq,
+                                                            cfg.qat_sim)
             qi, wi = self.indexer.queries(x_btd, cq, cos, sin, cfg.qat_sim)
             index = (qi, wi, new_state["index"]["kv"])
 
-        o, topk = self.core(q, kv, state["win"], comp_kv, index, start_b)
+        o, topk = self.core(q, kv, state["win"], comp, index, start_b, seg_bt)
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         return self.project_out(o), new_state, topk
 
@@ -128,28 +137,35 @@ class Attention(nnx.Module):
         z = jnp.einsum("btgi,gri->btgr", o, wo_a, precision=HIGHEST)
         return self.wo_b(z.reshape(b, t, -1))
 
-    def core(self, q, kv, win, comp_kv, index, start_b):
+    def core(self, q, kv, win, comp, index, start_b, seg_bt):
         """Batched sparse attention; vmaps `attend_sequence` over the batch."""
         fn = functools.partial(attend_sequence, window=self.window, ratio=self.ratio,
                                block=min(self.cfg.attn_block, q.shape[1]), topk=self.cfg.index_topk,
                                scale=self.head_dim ** -0.5)
         sink = self.attn_sink[...]
 
-        def one(q, kv, w, s, c=None, qi=None, wi=None, ki=None):
-            return fn(q, kv, w, c, None if qi is None else (qi, wi, ki), s, sink)
+        def one(q, kv, w, s, seg, c=None, cseg=None, qi=None, wi=None, ki=None):
+            return fn(q, kv, w, None if c is None else (c, cseg), None if qi is None else (qi, wi, ki), s, seg, sink)
 
-        args = [q, kv, win, start_b] + ([comp_kv] if comp_kv is not None else []) + list(index or ())
+        args = [q, kv, win, start_b, seg_bt] + list(comp or ()) + list(index or ())
         return jax.vmap(one)(*args)
 
 
-def attend_sequence(q_thc, kv_tc, win_wc, comp_nc, index, start, sink_h, *, window, ratio, block, topk, scale):
-    """One sequence, all query blocks -> (o [T, H, c], top-k indices [T, k] or None)."""
+def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, window, ratio, block, topk,
+                    scale):
+    """One sequence, all query blocks -> (o [T, H, c], top-k indices [T, k] or None).
+
+    comp = (entries [N, c], entry segments [N]); seg_t [T] document ids (window rows from the state
+    count as segment 0, like every token of a single-document decode)."""
     t, h, c = q_thc.shape
     nblk = -(-t // block)
     tp = nblk * block
     pad = tp - t
     q_pad = jnp.pad(q_thc, ((0, pad), (0, 0), (0, 0)))
+    qseg = jnp.pad(seg_t, (0, pad), constant_values=-1)
     ext = jnp.concatenate([win_wc, kv_tc, jnp.zeros((pad, c), kv_tc.dtype)], axis=0)  # [W + Tp, c]
+    kseg = jnp.concatenate([jnp.zeros((window,), seg_t.dtype), seg_t, jnp.full((pad,), -2, seg_t.dtype)])
+    comp_nc, cseg = comp if comp is not None else (None, None)
     if index is not None:
         qi, wi, ki = index
         qi = jnp.pad(qi, ((0, pad), (0, 0), (0, 0)))
@@ -159,22 +175,25 @@ def attend_sequence(q_thc, kv_tc, win_wc, comp_nc, index, start, sink_h, *, wind
         j0 = bi * block
         q = jax.lax.dynamic_slice_in_dim(q_pad, j0, block)  # [Q, H, c]
         keys = jax.lax.dynamic_slice_in_dim(ext, j0, block + window)  # [Q+W, c]
+        qs = jax.lax.dynamic_slice_in_dim(qseg, j0, block)[:, None]  # [Q, 1]
+        ks = jax.lax.dynamic_slice_in_dim(kseg, j0, block + window)[None, :]
         jj = jnp.arange(block)[:, None]
         r = jnp.arange(block + window)[None, :]
-        win_ok = (r >= jj + 1) & (r <= jj + window) & (j0 + r >= window - start)
+        win_ok = (r >= jj + 1) & (r <= jj + window) & (j0 + r >= window - start) & (ks == qs)
         logits = [jnp.where(win_ok[:, None, :], _qk(q, keys, scale), -jnp.inf)]
         pos = start + j0 + jnp.arange(block)  # [Q]
         idx = None
         if ratio:
             visible = (pos + 1) // ratio  # entries i < visible are causal
+            same_doc = cseg[None, :] == qs  # [Q, N]
             if index is None:  # HCA: every causal entry
-                ok = jnp.arange(comp_nc.shape[0])[None, :] < visible[:, None]
+                ok = (jnp.arange(comp_nc.shape[0])[None, :] < visible[:, None]) & same_doc
                 logits.append(jnp.where(ok[:, None, :], _qk(q, comp_nc, scale), -jnp.inf))
                 vals = comp_nc
             else:  # CSA: indexer top-k, then a gather
                 qb = jax.lax.dynamic_slice_in_dim(qi, j0, block)
                 wb = jax.lax.dynamic_slice_in_dim(wi, j0, block)
-                idx = select_topk(qb, wb, ki, visible, topk)  # [Q, k], -1 = none
+                idx = select_topk(qb, wb, ki, visible, same_doc, topk)  # [Q, k], -1 = none
                 vals = comp_nc[jnp.maximum(idx, 0)]  # [Q, k, c]
                 lg = jnp.einsum("qhc,qkc->qhk", q, vals, precision=HIGHEST) * scale
                 logits.append(jnp.where((idx >= 0)[:, None, :], lg, -jnp.inf))
@@ -208,12 +227,12 @@ def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
     return o
 
 
-def select_topk(q_qhd, w_qh, k_nd, visible_q, topk):
-    """Index scores sum_h w[q,h] relu(q[q,h].k[n]) over causal entries -> top-k entry ids, -1 = none."""
+def select_topk(q_qhd, w_qh, k_nd, visible_q, same_doc_qn, topk):
+    """Index scores sum_h w[q,h] relu(q[q,h].k[n]) over causal same-document entries -> top-k ids, -1 = none."""
     n = k_nd.shape[0]
     s = jnp.einsum("qhd,nd->qhn", q_qhd, k_nd, precision=HIGHEST).astype(jnp.float32)
     s = jnp.einsum("qhn,qh->qn", jax.nn.relu(s), w_qh, precision=HIGHEST)
-    ok = jnp.arange(n)[None, :] < visible_q[:, None]
+    ok = (jnp.arange(n)[None, :] < visible_q[:, None]) & same_doc_qn
     s = jnp.where(ok, s, -jnp.inf)
-    _, idx = jax.lax.top_k(s, min(topk, n))
-    return jnp.where(idx < visible_q[:, None], idx, -1)
+    val, idx = jax.lax.top_k(s, min(topk, n))
+    return jnp.where(val > -jnp.inf, idx, -1)

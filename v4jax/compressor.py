@@ -51,22 +51,31 @@ class Compressor(nnx.Module):
         z = self.wgate(xf) + self.ape[...][pos_bt % self.ratio]
         return a, z
 
-    def pool(self, a_tk, z_tk, tail_a, tail_z, start):
-        """One sequence: -> entries [nb, c] (raw pooled, fp32), n_complete, new tails."""
+    def pool(self, a_tk, z_tk, tail_a, tail_z, start, pos_t, seg_t):
+        """One sequence: -> entries [nb, c] (raw, fp32), entry positions/segments [nb], n_complete, tails."""
         m, c, T = self.ratio, self.width, a_tk.shape[0]
         nb = (m + T + m - 1) // m
         cur = slice(m, 2 * m) if self.overlap else slice(0, m)
         r0 = start % m
-        buf_a = jnp.zeros((nb * m, a_tk.shape[1]), jnp.float32).at[:m].set(tail_a[cur])
-        buf_z = jnp.full((nb * m, z_tk.shape[1]), NEG, jnp.float32).at[:m].set(tail_z[cur])
-        buf_a = jax.lax.dynamic_update_slice(buf_a, a_tk, (r0, 0))
-        buf_z = jax.lax.dynamic_update_slice(buf_z, z_tk, (r0, 0))
-        blk_a = buf_a.reshape(nb, m, -1)
-        blk_z = buf_z.reshape(nb, m, -1)
+
+        def buffer(rows, chunk, fill):  # [nb*m, ...]: current-block rows, then the chunk at offset r0
+            buf = jnp.full((nb * m,) + chunk.shape[1:], fill, chunk.dtype)
+            if rows is not None:
+                buf = buf.at[:m].set(rows)
+            return jax.lax.dynamic_update_slice_in_dim(buf, chunk, r0, axis=0)
+
+        blk_a = buffer(tail_a[cur], a_tk, 0.0).reshape(nb, m, -1)
+        blk_z = buffer(tail_z[cur], z_tk, NEG).reshape(nb, m, -1)
+        last = jnp.arange(nb) * m + m - 1  # each block's last token (always real for complete blocks)
+        ent_pos = buffer(None, pos_t, 0)[last] - (m - 1)  # the block's first position, per document
+        ent_seg = buffer(None, seg_t, 0)[last]
         n_complete = (r0 + T) // m
         if self.overlap:
             prev_a = jnp.concatenate([tail_a[None, :m], blk_a[:-1]], axis=0)
             prev_z = jnp.concatenate([tail_z[None, :m], blk_z[:-1]], axis=0)
+            # a block never pools the previous block of another document (packed training)
+            same_doc = jnp.concatenate([jnp.ones((1,), bool), ent_seg[1:] == ent_seg[:-1]])
+            prev_z = jnp.where(same_doc[:, None, None], prev_z, NEG)
             slots_a = jnp.concatenate([prev_a[..., :c], blk_a[..., c:]], axis=1)  # [nb, 2m, c]
             slots_z = jnp.concatenate([prev_z[..., :c], blk_z[..., c:]], axis=1)
         else:
@@ -76,19 +85,16 @@ class Compressor(nnx.Module):
         if self.overlap:
             has_prev = n_complete > 0
             prev_idx = jnp.maximum(n_complete - 1, 0)
-            new_prev_a = jnp.where(has_prev, blk_a[prev_idx], tail_a[:m])
-            new_prev_z = jnp.where(has_prev, blk_z[prev_idx], tail_z[:m])
-            new_a = jnp.concatenate([new_prev_a, new_cur_a], axis=0)
-            new_z = jnp.concatenate([new_prev_z, new_cur_z], axis=0)
+            new_a = jnp.concatenate([jnp.where(has_prev, blk_a[prev_idx], tail_a[:m]), new_cur_a], axis=0)
+            new_z = jnp.concatenate([jnp.where(has_prev, blk_z[prev_idx], tail_z[:m]), new_cur_z], axis=0)
         else:
             new_a, new_z = new_cur_a, new_cur_z
-        return entries, n_complete, new_a, new_z
+        return entries, ent_pos, ent_seg, n_complete, new_a, new_z
 
-    def finish(self, entries_nc, first_entry, inv_freq, qat_sim: bool, dtype):
+    def finish(self, entries_nc, pos_n, inv_freq, qat_sim: bool, dtype):
         """Norm, RoPE at the block's first position, then Hadamard+FP4 (indexer) or FP8 (main) sims."""
         e = self.norm(entries_nc.astype(dtype))
-        pos = (first_entry + jnp.arange(e.shape[0])) * self.ratio
-        cos, sin = rope_cos_sin(pos, inv_freq)
+        cos, sin = rope_cos_sin(pos_n, inv_freq)
         e = apply_rope(e, cos, sin)
         if self.rotate:
             e = quant.hadamard(e)
@@ -98,21 +104,26 @@ class Compressor(nnx.Module):
             e = jnp.concatenate([quant.fp8_sim(e[..., : self.nope], 64), e[..., self.nope:]], axis=-1)
         return e
 
-    def __call__(self, x_btd, pos_bt, start_b, state: dict, inv_freq, qat_sim: bool):
-        """Consumes a chunk; returns the updated state {tail_a, tail_z, kv} (kv: [B, N, c])."""
+    def __call__(self, x_btd, pos_bt, seg_bt, start_b, state: dict, inv_freq, qat_sim: bool):
+        """Consumes a chunk -> (updated state {tail_a, tail_z, kv}, entry segments [B, N]).
+
+        Entry segments are those of the entries written by this chunk (0 for older entries: the
+        stateful decode path has a single document, segment 0)."""
         a, z = self.project(x_btd, pos_bt)
 
-        def one(a_tk, z_tk, tail_a, tail_z, kv_nc, start):
-            entries, n_complete, new_a, new_z = self.pool(a_tk, z_tk, tail_a, tail_z, start)
-            first = start // self.ratio
-            e = self.finish(entries, first, inv_freq, qat_sim, kv_nc.dtype)
+        def one(a_tk, z_tk, tail_a, tail_z, kv_nc, start, pos_t, seg_t):
+            entries, ent_pos, ent_seg, n_complete, new_a, new_z = self.pool(a_tk, z_tk, tail_a, tail_z, start,
+                                                                            pos_t, seg_t)
+            e = self.finish(entries, ent_pos, inv_freq, qat_sim, kv_nc.dtype)
             j = jnp.arange(e.shape[0])
-            idx = jnp.where(j < n_complete, first + j, kv_nc.shape[0])  # out of range -> dropped
+            idx = jnp.where(j < n_complete, start // self.ratio + j, kv_nc.shape[0])  # out of range -> dropped
             kv_nc = kv_nc.at[idx].set(e.astype(kv_nc.dtype), mode="drop")
-            return new_a, new_z, kv_nc
+            seg_n = jnp.zeros((kv_nc.shape[0],), jnp.int32).at[idx].set(ent_seg, mode="drop")
+            return new_a, new_z, kv_nc, seg_n
 
-        tail_a, tail_z, kv = jax.vmap(one)(a, z, state["tail_a"], state["tail_z"], state["kv"], start_b)
-        return {"tail_a": tail_a, "tail_z": tail_z, "kv": kv}
+        tail_a, tail_z, kv, seg = jax.vmap(one)(a, z, state["tail_a"], state["tail_z"], state["kv"], start_b,
+                                                pos_bt, seg_bt)
+        return {"tail_a": tail_a, "tail_z": tail_z, "kv": kv}, seg
 
     def empty_state(self, batch: int, n_entries: int, dtype) -> dict:
         rows, cols = self.tail_shape()

@@ -32,9 +32,9 @@ class Block(nnx.Module):
         self.hc_attn = HyperConnection(cfg, rngs)
         self.hc_ffn = HyperConnection(cfg, rngs)
 
-    def __call__(self, x_btnd, ids_bt, start_b, state, forced_idx=None):
+    def __call__(self, x_btnd, ids_bt, start_b, state, forced_idx=None, pos_bt=None, seg_bt=None):
         y, post, comb = self.hc_attn.pre(x_btnd)
-        a, state, topk = self.attn(self.attn_norm(y), start_b, state)
+        a, state, topk = self.attn(self.attn_norm(y), start_b, state, pos_bt, seg_bt)
         x_btnd = HyperConnection.post(a, x_btnd, post, comb)
         y, post, comb = self.hc_ffn.pre(x_btnd)
         f, aux = self.ffn(self.ffn_norm(y), ids_bt, forced_idx)
@@ -85,17 +85,22 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,vd->btv", h.astype(jnp.float32), self.head.weight[...].astype(jnp.float32),
                           precision=HIGHEST)
 
-    def __call__(self, ids_bt, start_b=None, state=None, *, collect=False, forced_idx=None):
-        """ids [B, T] at positions start_b[b] + t -> dict(logits [B,T,V], streams [B,T,n,d], state, aux)."""
+    def __call__(self, ids_bt, start_b=None, state=None, *, collect=False, forced_idx=None, positions=None,
+                 segment_ids=None, inputs_embeds=None):
+        """ids [B, T] at positions start_b[b] + t -> dict(logits [B,T,V], streams [B,T,n,d], state, aux).
+
+        Packed training passes `positions` and `segment_ids` [B, T] instead (see Attention).
+        `inputs_embeds` [B, T, d] replaces the embedding lookup (hash routing still reads ids)."""
         b, t = ids_bt.shape
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
-        x = self.embed(ids_bt)
+        x = self.embed(ids_bt) if inputs_embeds is None else inputs_embeds
         x = jnp.broadcast_to(x[:, :, None, :], (b, t, self.cfg.hc_mult, x.shape[-1]))
         new_states, auxes, hidden = [], [], []
         for i, blk in enumerate(self.layers):
             fi = None if forced_idx is None else forced_idx[i]
-            x, st, aux = blk(x, ids_bt, start_b, None if state is None else state["layers"][i], fi)
+            x, st, aux = blk(x, ids_bt, start_b, None if state is None else state["layers"][i], fi, positions,
+                             segment_ids)
             new_states.append(st)
             auxes.append(aux)
             if collect:
@@ -106,14 +111,15 @@ class Transformer(nnx.Module):
             out["hidden"] = hidden
         return out
 
-    def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0):
+    def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0, positions=None,
+                   segment_ids=None):
         """MTP block k on main streams h (positions t) with tokens t+1 -> (logits predicting t+2, state)."""
         blk = self.mtp[k]
         b = h_btnd.shape[0]
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
         x = blk.inputs(h_btnd, self.embed(next_ids_bt))
-        x, st, _ = blk(x, next_ids_bt, start_b, state)
+        x, st, _ = blk(x, next_ids_bt, start_b, state, None, positions, segment_ids)
         return self.logits(x, blk.hc_head, blk.norm), st
 
 
