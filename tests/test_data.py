@@ -208,3 +208,19 @@ def test_hosts_share_the_global_batch(tmp_path):
         assert not rows0 & {r.tobytes() for r in hosts[1][k]["tokens"]}  # disjoint rows
     with pytest.raises(ValueError):
         D.PackedBatches(root, tok, 2, 20, process_index=2, process_count=2)
+
+
+def test_align_pads_documents_to_block_multiples(tmp_path):
+    from v4jax.data import ByteTokenizer, PackedBatches
+    for i in range(6):
+        (tmp_path / f"d{i}.txt").write_text("x" * (7 + 11 * i))
+    tok = ByteTokenizer()
+    batch = next(PackedBatches(str(tmp_path), tok, batch_size=4, seq_len=64, seed=1, align=16))
+    seg, pos, toks = batch["segment_ids"], batch["positions"], batch["tokens"]
+    for r in range(4):
+        starts = [0] + [t for t in range(1, 64) if seg[r, t] != seg[r, t - 1]]
+        assert all(t % 16 == 0 for t in starts), starts
+        assert all(pos[r, t] == 0 for t in starts)
+    assert (toks == tok.eos_id).sum() > 6  # EOS padding present
+    with pytest.raises(ValueError, match="multiple of align"):
+        PackedBatches(str(tmp_path), tok, batch_size=1, seq_len=60, align=16)

@@ -261,14 +261,15 @@ def _from_json(x):
     return tuple(_from_json(v) for v in x) if isinstance(x, list) else x
 
 
-def _load_chunk(tokenizer, seed: int, index: int, chunk: Chunk) -> list[np.ndarray]:
+def _load_chunk(tokenizer, seed: int, align: int, index: int, chunk: Chunk) -> list[np.ndarray]:
     """Documents of `chunk` (the `index`-th chunk of the endless stream) in a shuffled order,
-    each as int32 [BOS, ids.., EOS]; empty documents are dropped."""
+    each as int32 [BOS, ids.., EOS, EOS padding up to a multiple of `align`]; empty ones dropped."""
     docs = [d for d in read_chunk(chunk) if d]
     order = np.random.default_rng([seed, index]).permutation(len(docs))
     ids = tokenizer.encode_batch([docs[i] for i in order]) if docs else []
     bos, eos = np.array([tokenizer.bos_id], np.int32), np.array([tokenizer.eos_id], np.int32)
-    return [np.concatenate([bos, x.astype(np.int32), eos]) for x in ids]
+    docs = [np.concatenate([bos, x.astype(np.int32), eos]) for x in ids]
+    return [np.pad(d, (0, -len(d) % align), constant_values=tokenizer.eos_id) for d in docs]
 
 
 def _host_rows(process_index: int, process_count: int, batch: dict) -> dict:
@@ -305,10 +306,15 @@ class PackedBatches:
     in every segment. `sources` is a path or a list of paths (see `list_chunks`); the global
     batch is batch_size * process_count rows, of which host `process_index` keeps every
     process_count-th. `read_threads` threads read and tokenize up to `prefetch` chunks ahead.
+
+    `align`: every document is padded with EOS to a multiple of `align` tokens (and seq_len must be
+    one), so documents start at multiples of every compression ratio and no compressed block ever
+    holds two documents (v4jax's choice where the spec leaves packed-document compression open;
+    the padding is masked out of the loss: nothing is predicted after an EOS).
     """
 
     def __init__(self, sources, tokenizer, batch_size: int, seq_len: int, seed: int = 0,
-                 process_index: int = 0, process_count: int = 1, *, read_threads: int = 4,
+                 process_index: int = 0, process_count: int = 1, *, align: int = 1, read_threads: int = 4,
                  prefetch: int = 16, jsonl_chunk_bytes: int = JSONL_CHUNK_BYTES):
         import grain
         if isinstance(sources, (str, os.PathLike)):
@@ -319,11 +325,13 @@ class PackedBatches:
         if min(batch_size, seq_len, process_count) < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"bad batch_size={batch_size}, seq_len={seq_len} or "
                              f"process {process_index}/{process_count}")
+        if align < 1 or seq_len % align:
+            raise ValueError(f"seq_len={seq_len} must be a multiple of align={align}")
         if not 0 <= seed < 2 ** 32:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}")
         self.batch_size, self.seq_len = batch_size, seq_len
-        self._config = [seed, batch_size, seq_len, process_index, process_count, len(chunks)]
-        load = functools.partial(_load_chunk, tokenizer, seed)
+        self._config = [seed, batch_size, seq_len, process_index, process_count, len(chunks), align]
+        load = functools.partial(_load_chunk, tokenizer, seed, align)
         ds = grain.MapDataset.source(chunks).shuffle(seed=seed).repeat().map_with_index(load)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                   prefetch_buffer_size=prefetch))
@@ -347,5 +355,5 @@ class PackedBatches:
         """Continue exactly where the iterator that produced `state` was (same arguments)."""
         if state.get("version") != 1 or list(state.get("config", [])) != self._config:
             raise ValueError(f"data state {state.get('config')} does not match this pipeline "
-                             f"[seed, batch, seq_len, process, processes, chunks] = {self._config}")
+                             f"[seed, batch, seq_len, process, processes, chunks, align] = {self._config}")
         self._iter.set_state(_from_json(state["grain"]))

@@ -32,12 +32,12 @@ class Block(nnx.Module):
         self.hc_attn = HyperConnection(cfg, rngs)
         self.hc_ffn = HyperConnection(cfg, rngs)
 
-    def __call__(self, x_btnd, ids_bt, start_b, state, forced_idx=None, pos_bt=None, seg_bt=None):
+    def __call__(self, x_btnd, ids_bt, start_b, state, stale_router=None, pos_bt=None, seg_bt=None):
         y, post, comb = self.hc_attn.pre(x_btnd)
         a, state, topk = self.attn(self.attn_norm(y), start_b, state, pos_bt, seg_bt)
         x_btnd = HyperConnection.post(a, x_btnd, post, comb)
         y, post, comb = self.hc_ffn.pre(x_btnd)
-        f, aux = self.ffn(self.ffn_norm(y), ids_bt, forced_idx)
+        f, aux = self.ffn(self.ffn_norm(y), ids_bt, stale_router)
         x_btnd = HyperConnection.post(f, x_btnd, post, comb)
         aux["topk"] = topk
         return x_btnd, state, aux
@@ -85,12 +85,13 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,vd->btv", h.astype(jnp.float32), self.head.weight[...].astype(jnp.float32),
                           precision=HIGHEST)
 
-    def __call__(self, ids_bt, start_b=None, state=None, *, collect=False, forced_idx=None, positions=None,
+    def __call__(self, ids_bt, start_b=None, state=None, *, collect=False, stale_routers=None, positions=None,
                  segment_ids=None, inputs_embeds=None):
         """ids [B, T] at positions start_b[b] + t -> dict(logits [B,T,V], streams [B,T,n,d], state, aux).
 
         Packed training passes `positions` and `segment_ids` [B, T] instead (see Attention).
-        `inputs_embeds` [B, T, d] replaces the embedding lookup (hash routing still reads ids)."""
+        `inputs_embeds` [B, T, d] replaces the embedding lookup (hash routing still reads ids).
+        `stale_routers[i]` = (gate weight, bias) of layer i from Δt steps earlier, or None (anticipatory routing)."""
         b, t = ids_bt.shape
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
@@ -98,7 +99,7 @@ class Transformer(nnx.Module):
         x = jnp.broadcast_to(x[:, :, None, :], (b, t, self.cfg.hc_mult, x.shape[-1]))
         new_states, auxes, hidden = [], [], []
         for i, blk in enumerate(self.layers):
-            fi = None if forced_idx is None else forced_idx[i]
+            fi = None if stale_routers is None else stale_routers[i]
             x, st, aux = blk(x, ids_bt, start_b, None if state is None else state["layers"][i], fi, positions,
                              segment_ids)
             new_states.append(st)

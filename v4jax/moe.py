@@ -42,22 +42,25 @@ class Gate(nnx.Module):
         else:
             self.bias = param(None, (e,), ("experts_r",), "bias", init="zeros", kind=BalanceBias)
 
-    def scores(self, x_td: jax.Array) -> jax.Array:
-        logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), self.weight[...].astype(jnp.float32),
-                            precision=HIGHEST)
+    def scores(self, x_td: jax.Array, weight=None) -> jax.Array:
+        w = self.weight[...] if weight is None else weight
+        logits = jnp.einsum("td,ed->te", x_td.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
         if self.score_func == "softmax":
             return jax.nn.softmax(logits, axis=-1)
         if self.score_func == "sigmoid":
             return jax.nn.sigmoid(logits)
         return jnp.sqrt(jax.nn.softplus(logits))
 
-    def __call__(self, x_td: jax.Array, ids_t: jax.Array, forced_idx: jax.Array | None = None):
-        """-> (weights [T, k] fp32, expert indices [T, k] int32, scores [T, E])."""
+    def __call__(self, x_td: jax.Array, ids_t: jax.Array, stale_router=None):
+        """-> (weights [T, k] fp32, expert indices [T, k] int32, scores [T, E]).
+
+        `stale_router` = (weight, bias) from Δt steps earlier: anticipatory routing takes the expert
+        *indices* from them, the gate *weights* from the current router."""
         s = self.scores(x_td)
         if self.is_hash:
             idx = self.tid2eid[...][ids_t]
-        elif forced_idx is not None:  # anticipatory routing: indices from earlier router parameters
-            idx = forced_idx
+        elif stale_router is not None:
+            _, idx = jax.lax.top_k(self.scores(x_td, stale_router[0]) + stale_router[1], self.k)
         else:
             _, idx = jax.lax.top_k(s + self.bias[...], self.k)
         w = jnp.take_along_axis(s, idx, axis=-1)
@@ -113,12 +116,11 @@ class MoE(nnx.Module):
         self.experts = Experts(cfg, rngs)
         self.shared_experts = SharedExpert(cfg, rngs)
 
-    def __call__(self, x_btd: jax.Array, ids_bt: jax.Array, forced_idx=None):
+    def __call__(self, x_btd: jax.Array, ids_bt: jax.Array, stale_router=None):
         """-> (y [B, T, d], aux {"idx": [B,T,k], "scores": [B,T,E]})."""
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
-        fidx = None if forced_idx is None else forced_idx.reshape(b * t, -1)
-        w, idx, s = self.gate(x, ids_bt.reshape(-1), fidx)
+        w, idx, s = self.gate(x, ids_bt.reshape(-1), stale_router)
         impl = self.cfg.moe_impl
         if impl == "auto":
             impl = "gather" if x.shape[0] * idx.shape[1] < self.experts.w1.shape[0] else "dense"
