@@ -113,15 +113,15 @@ class Transformer(nnx.Module):
         return out
 
     def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0, positions=None,
-                   segment_ids=None):
-        """MTP block k on main streams h (positions t) with tokens t+1 -> (logits predicting t+2, state)."""
+                   segment_ids=None, stale_router=None):
+        """MTP block k on main streams h (positions t) with tokens t+1 -> (logits predicting t+2, state, aux)."""
         blk = self.mtp[k]
         b = h_btnd.shape[0]
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
         x = blk.inputs(h_btnd, self.embed(next_ids_bt))
-        x, st, _ = blk(x, next_ids_bt, start_b, state, None, positions, segment_ids)
-        return self.logits(x, blk.hc_head, blk.norm), st
+        x, st, aux = blk(x, next_ids_bt, start_b, state, stale_router, positions, segment_ids)
+        return self.logits(x, blk.hc_head, blk.norm), st, aux
 
 
 class Embedding(nnx.Module):
@@ -182,7 +182,7 @@ def forward_fn(graphdef, collect: bool = False):
 
 @functools.lru_cache(maxsize=16)
 def mtp_fn(graphdef):
-    """jit((params, main streams, next ids, start, state) -> (MTP logits, state))."""
+    """jit((params, main streams, next ids, start, state) -> (MTP logits, state, aux))."""
     def f(params, h, next_ids, start, state):
         return nnx.merge(graphdef, params).mtp_logits(h, next_ids, start, state)
 

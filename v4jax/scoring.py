@@ -55,7 +55,7 @@ def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool
             raise ValueError(f"--prefill must be within 1..{s}, got {prefill}")
         out["logits"] = prefill_decode_logits(model, ids, prefill)
     if with_mtp and cfg.n_mtp and s > 1:
-        mtp_logits, _ = mtp_fn(graphdef)(params, full["streams"][:, :-1], ids[:, 1:], None, None)
+        mtp_logits, _, _ = mtp_fn(graphdef)(params, full["streams"][:, :-1], ids[:, 1:], None, None)
         out["mtp_logits"] = np.asarray(mtp_logits, np.float32)
     return out
 

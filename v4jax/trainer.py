@@ -1,0 +1,341 @@
+"""The training loop behind `train.py`: run configuration, sharded state, checkpoints with exact
+resume, the loss-spike detector with rollback and anticipatory routing, progress and metrics.
+
+Checkpoints (orbax CheckpointManager, asynchronous, keep-N, atomic) hold the whole train state
+(parameters, optimiser state, balancing biases, router ring, step) plus a JSON record with the
+model config, the data-iterator state and the spike-detector state, so a run killed at any moment
+resumes from its last checkpoint and logs the same losses as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import time
+import tomllib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from . import data as data_lib
+from . import model as M
+from . import optim
+from . import training as T
+from .checkpoint import CheckpointError
+from .config import ModelConfig
+from .sharding import batch_sharding, make_mesh, state_shardings
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class RunConfig:
+    config: str = os.path.join(_ROOT, "configs", "tiny.json")
+    steps: int = 120
+    batch: int = 8
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup: int = 12
+    end_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    seed: int = 0
+    out: str = "runs/default"
+    save_every: int = 50
+    keep: int = 3
+    mesh: str | None = None
+    data: str | None = None  # None: the Python standard library's own sources
+    data_max_bytes: int = 4_000_000
+    tokenizer: str | None = None  # None: byte tokenizer
+    log_every: int = 10
+    bias_gamma: float = 1e-3
+    balance_alpha: float = 1e-4
+    mtp_weight: float = 0.3
+    mtp_weight_late: float = 0.1
+    spike_detect: bool = True
+    spike_window: int = 20
+    spike_factor: float = 1.5  # a loss above factor x the recent mean is a spike (so is a non-finite one)
+    snapshot_every: int = 10  # in-memory rollback point, taken when the recent losses look healthy
+    ar_delta: int = 2  # anticipatory routing lag (0 = off)
+    ar_steps: int = 20  # steps of anticipatory routing after a spike
+    inject_spike_at: int = -1  # testing: perturb the parameters before this step
+    sample_tokens: int = 48
+
+    @classmethod
+    def load(cls, toml_path: str | None, overrides: list[str], **flags) -> "RunConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        if toml_path:
+            with open(toml_path, "rb") as f:
+                for k, v in tomllib.load(f).items():
+                    if k not in fields:
+                        raise ValueError(f"{toml_path}: unknown run setting '{k}'")
+                    values[k] = v
+        for item in overrides:
+            k, sep, v = item.partition("=")
+            if not sep or k not in fields:
+                raise ValueError(f"--set {item}: expected key=value with key one of {sorted(fields)}")
+            values[k] = _parse_value(v, fields[k].type)
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**values)
+
+
+def _parse_value(text: str, typ: str):
+    if "bool" in str(typ):
+        return text.lower() in ("1", "true", "yes", "on")
+    if "int" in str(typ) and "." not in text and "e" not in text.lower():
+        return int(text)
+    try:
+        return float(text) if "float" in str(typ) or "int" in str(typ) else text
+    except ValueError:
+        return text
+
+
+# ---------------------------------------------------------------------------- spike detector
+@dataclasses.dataclass
+class SpikeDetector:
+    window: int
+    factor: float
+    recent: list = dataclasses.field(default_factory=list)
+    ar_left: int = 0
+    events: int = 0
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        full = len(self.recent) >= max(3, self.window // 2)
+        return full and loss > self.factor * float(np.mean(self.recent))
+
+    def observe(self, loss: float):
+        self.recent = (self.recent + [loss])[-self.window:]
+        self.ar_left = max(0, self.ar_left - 1)
+
+    def state(self) -> dict:
+        return {"recent": self.recent, "ar_left": self.ar_left, "events": self.events}
+
+
+# ---------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, rc: RunConfig):
+        self.rc = rc
+        self.cfg = ModelConfig.from_hub(rc.config)
+        self.mesh = make_mesh(rc.mesh) if rc.mesh else make_mesh({"data": 1})
+        self.tokenizer = data_lib.load_tokenizer(rc.tokenizer)
+        if self.tokenizer.vocab_size > self.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocab_size is "
+                             f"{self.cfg.vocab_size}")
+        align = math.lcm(*[r for r in self.cfg.compress_ratios if r] or [1])
+        sources = rc.data or data_lib.default_corpus_files(rc.data_max_bytes)
+        self.data = data_lib.PackedBatches(sources, self.tokenizer, rc.batch, rc.seq_len, rc.seed,
+                                           jax.process_index(), jax.process_count(), align=align)
+        ocfg = optim.OptimConfig(peak_lr=rc.lr, warmup_steps=rc.warmup, total_steps=rc.steps,
+                                 end_lr_frac=rc.end_lr_frac, weight_decay=rc.weight_decay,
+                                 adam_weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
+        self.schedule = optim.lr_schedule(ocfg)
+        self.lcfg = T.LossConfig(mtp_weight=rc.mtp_weight, mtp_weight_late=rc.mtp_weight_late,
+                                 mtp_late_step=rc.warmup, balance_alpha=rc.balance_alpha,
+                                 bias_gamma=rc.bias_gamma, ar_delta=rc.ar_delta, eos_id=self.tokenizer.eos_id)
+        model = M.build(self.cfg, seed=rc.seed)
+        self.graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        self.tx = optim.make_optimizer(params, ocfg)
+        self.ts = self._place(T.init_train_state(model, self.tx, self.lcfg))
+        self.sharding = jax.tree.map(lambda x: x.sharding, self.ts)
+        self.step_fn = T.make_train_step(self.graphdef, self.tx, self.lcfg, self.sharding, None)
+        self.detector = SpikeDetector(rc.spike_window, rc.spike_factor)
+        self.manager = ocp.CheckpointManager(
+            os.path.abspath(rc.out),
+            options=ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True))
+
+    def _place(self, ts: dict) -> dict:
+        """Parameters and biases by the rules table; optimiser state and ring follow their params."""
+        sh = {"params": state_shardings(ts["params"], self.mesh), "rest": state_shardings(ts["rest"], self.mesh)}
+        ts = dict(ts, params=jax.device_put(ts["params"], sh["params"]), rest=jax.device_put(ts["rest"], sh["rest"]))
+        ts["opt"] = jax.jit(self.tx.init)(ts["params"])
+        repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        ts["step"] = jax.device_put(ts["step"], repl)
+        ts["router_ring"] = jax.device_put(ts["router_ring"], repl)
+        return ts
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict:
+        return {"model_config": self.cfg.to_hub(), "data": self.data.get_state(),
+                "detector": self.detector.state(), "run": dataclasses.asdict(self.rc)}
+
+    def save(self, step: int):
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.ts),
+                                                        meta=ocp.args.JsonSave(self._meta())))
+
+    def restore_latest(self) -> int:
+        step = self.manager.latest_step()
+        if step is None:
+            return 0
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - any orbax/IO failure means a damaged checkpoint
+            raise CheckpointError(f"checkpoint {self.rc.out}/{step} is damaged: {e}") from None
+        _check_same_model(meta["model_config"], self.cfg.to_hub(), f"{self.rc.out}/{step}")
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.ts, self.sharding)
+        try:
+            self.ts = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {self.rc.out}/{step} is damaged or does not fit: {e}") from None
+        self.data.set_state(meta["data"])
+        self.detector = SpikeDetector(self.rc.spike_window, self.rc.spike_factor, **meta["detector"])
+        return step
+
+    # ------------------------------------------------------------------ the loop
+    def _batch(self) -> dict:
+        host = next(self.data)
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, (self.rc.batch * jax.process_count(),) + v.shape[1:]), v)
+                for k, v in host.items()}
+
+    def _snapshot(self, step):
+        return (step, jax.tree.map(jnp.copy, self.ts), self.data.get_state())
+
+    def run(self, log=print) -> dict:
+        rc = self.rc
+        os.makedirs(rc.out, exist_ok=True)
+        self._write_model_config()
+        start = self.restore_latest()
+        metrics_path = os.path.join(rc.out, "metrics.jsonl")
+        _truncate_metrics(metrics_path, start)
+        if start:
+            log(f"resumed from {rc.out} at step {start}")
+        snap = self._snapshot(start)
+        t_begin, done_tokens, last = time.time(), 0, {}
+        with open(metrics_path, "a") as mlog:
+            step = start
+            while step < rc.steps:
+                if step == rc.inject_spike_at:
+                    self._inject_spike()
+                ar = self.detector.ar_left > 0
+                t0 = time.time()
+                self.ts, met = self.step_fn(self.ts, self._batch(), jnp.asarray(ar))
+                loss = float(met["loss"])
+                dt = time.time() - t0
+                if rc.spike_detect and self.detector.is_spike(loss):
+                    step = self._rollback(snap, step, loss, mlog, log)
+                    continue
+                self.detector.observe(loss)
+                step += 1
+                tokens = rc.batch * rc.seq_len * jax.process_count()
+                done_tokens += tokens
+                last = _record(step, met, float(self.schedule(step - 1)), tokens / dt, ar)
+                mlog.write(json.dumps(last) + "\n")
+                mlog.flush()
+                if step % rc.log_every == 0 or step == start + 1 or step == rc.steps:
+                    eta = (time.time() - t_begin) / (step - start) * (rc.steps - step)
+                    log(f"step {step:6d}  loss {loss:7.4f}  lr {last['lr']:.2e}  {last['tokens_per_sec']:9.0f} tok/s  "
+                        f"ETA {eta:6.0f}s" + ("  [anticipatory routing]" if ar else ""))
+                if rc.save_every and step % rc.save_every == 0 or step == rc.steps:
+                    self.save(step)
+                if step % rc.snapshot_every == 0 and not ar:
+                    snap = self._snapshot(step)
+        self.manager.wait_until_finished()
+        return last
+
+    def _rollback(self, snap, step, loss, mlog, log) -> int:
+        self.detector.events += 1
+        self.detector.ar_left = self.rc.ar_steps if self.rc.ar_delta > 0 else 0
+        back, ts, data_state = snap
+        self.ts = jax.tree.map(jnp.copy, ts)
+        self.data.set_state(data_state)
+        event = {"step": step + 1, "event": "loss_spike", "loss": loss if math.isfinite(loss) else str(loss),
+                 "rolled_back_to": back, "anticipatory_routing_steps": self.detector.ar_left}
+        mlog.write(json.dumps(event) + "\n")
+        log(f"loss spike at step {step + 1} (loss {loss:.4f}): rolled back to step {back}, "
+            f"anticipatory routing for {self.detector.ar_left} steps")
+        return back
+
+    def _inject_spike(self):
+        key = jax.random.key(1234)
+        leaves, tdef = jax.tree.flatten(self.ts["params"])
+        noisy = [x + 0.5 * jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+                 if x.ndim >= 2 else x for i, x in enumerate(leaves)]
+        self.ts = dict(self.ts, params=jax.tree.unflatten(tdef, noisy))
+
+    def _write_model_config(self):
+        path = os.path.join(self.rc.out, "config.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.cfg.to_hub(), f, indent=2)
+        os.replace(tmp, path)
+
+    def model(self) -> M.Transformer:
+        return nnx.merge(self.graphdef, self.ts["params"], self.ts["rest"])
+
+
+def _record(step, met, lr, tps, ar) -> dict:
+    rec = {"step": step, "loss": float(met["loss"]), "ce": float(met["ce"]), "mtp": float(met["mtp"]),
+           "balance": float(met["balance"]), "lr": lr, "grad_norm": float(met["grad_norm"]),
+           "tokens_per_sec": tps, "anticipatory_routing": bool(ar)}
+    if "max_load_ratio" in met:
+        rec["max_load_ratio"] = [round(float(x), 4) for x in np.asarray(met["max_load_ratio"])]
+    return rec
+
+
+def _truncate_metrics(path: str, step: int):
+    """Drop records after `step` (a killed run may have logged steps its checkpoint does not hold)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _check_same_model(saved: dict, current: dict, where: str):
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"checkpoint {where} was written for another model config: '{k}' is "
+                              f"{saved.get(k)!r} there, {current.get(k)!r} now")
+
+
+def load_trained(out_dir: str, step: int | None = None, **runtime) -> M.Transformer:
+    """The model saved by a training run in `out_dir` (latest step by default), for inference."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{out_dir}: not a v4jax training directory (no config.json)")
+    cfg = ModelConfig.from_hub(path, **runtime)
+    mgr = ocp.CheckpointManager(os.path.abspath(out_dir))
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{out_dir}: no training checkpoint")
+    try:
+        raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{out_dir}/{step}: cannot read the training checkpoint ({e})") from None
+    graphdef, params, rest = nnx.split(M.abstract(cfg), nnx.Param, ...)
+    try:
+        nnx.replace_by_pure_dict(params, raw["params"])
+        nnx.replace_by_pure_dict(rest, raw["rest"])
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{out_dir}/{step}: does not match its config.json ({e})") from None
+    cast = lambda v: jnp.asarray(v, cfg.param_dtype) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) else jnp.asarray(v)
+    return nnx.merge(graphdef, jax.tree.map(cast, params), jax.tree.map(jnp.asarray, rest))
+
+
+def sample_text(model: M.Transformer, tokenizer, prompt: str, n: int) -> str:
+    """Greedy continuation of `prompt` (prefill, then one-token decode steps on the decode state)."""
+    from .scoring import _chunk_step
+    ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
+    run = _chunk_step(nnx.graphdef(model))
+    params = nnx.state(model)
+    state = model.init_state(1, len(ids) + n)
+    logits, state = run(params, jnp.asarray([ids], jnp.int32), jnp.zeros((1,), jnp.int32), state)
+    for _ in range(n):
+        nxt = int(jnp.argmax(logits[0, -1]))
+        if nxt == tokenizer.eos_id:
+            break
+        ids.append(nxt)
+        logits, state = run(params, jnp.asarray([[nxt]], jnp.int32), jnp.asarray([len(ids) - 1], jnp.int32), state)
+    return tokenizer.decode(ids[1:])

@@ -1,0 +1,146 @@
+"""The DeepSeek-V4 train step: one jitted pure function (state, batch) -> (state, metrics).
+
+Losses (spec §8, §9, §12): next-token cross-entropy inside each document (nothing is predicted after
+an EOS: that is alignment padding), the MTP loss on token t+2 (weight 0.3, 0.1 once the learning rate
+decays), the sequence-wise balance loss alpha * sum_e f_e P_e per row and score-routed MoE layer.
+After the optimiser update, and outside it, every score-routed layer's selection bias moves by
+gamma * sign(mean load - load_e) (aux-loss-free balancing; hash layers have no bias).
+
+Anticipatory routing: the state keeps a ring of the last `ar_delta` router parameters (gate weight and
+bias) of every score-routed layer; with `ar_active` the step takes expert *indices* from the entry
+written ar_delta steps ago and the gate *weights* from the current router.
+
+Train state (a pytree, donated): {"params": nnx.State of Params, "rest": balancing biases and hash
+tables, "opt": optax state, "step": int32, "router_ring": [(W [Δ, E, d], b [Δ, E]) per layer] }.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .model import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    mtp_weight: float = 0.3
+    mtp_weight_late: float = 0.1
+    mtp_late_step: int = 2000  # the step LR decay starts (end of warm-up)
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    ar_delta: int = 0  # anticipatory-routing lag Δt in steps (0 = ring not kept)
+    eos_id: int = 1
+
+
+def routed_layers(model: Transformer):
+    """The score-routed MoE gates (main layers then MTP blocks), in a fixed order."""
+    blocks = list(model.layers) + list(model.mtp)
+    return [b.ffn.gate for b in blocks if not b.ffn.gate.is_hash]
+
+
+def _masked_ce(logits, targets, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def balance_terms(aux: dict, n_experts: int, k: int):
+    """-> (per-row balance loss sum_e f_e P_e [B], expert counts over the batch [E])."""
+    idx, s = aux["idx"], aux["scores"]  # [B, T, k], [B, T, E]
+    counts_be = jnp.sum(jax.nn.one_hot(idx, n_experts, dtype=jnp.float32), axis=(1, 2))
+    t = idx.shape[1]
+    f = counts_be * (n_experts / (k * t))
+    p = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=1)
+    return jnp.sum(f * p, axis=-1), jnp.sum(counts_be, axis=0)
+
+
+def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, stale_routers=None):
+    """-> (total loss, aux: ce, mtp, balance, expert counts [E] per routed layer in `routed_layers` order)."""
+    tok, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    cfg = model.cfg
+    gates = [blk.ffn.gate for blk in list(model.layers) + list(model.mtp)]
+    stale = [None] * len(gates)
+    if stale_routers is not None:
+        it = iter(stale_routers)
+        stale = [None if g.is_hash else next(it) for g in gates]
+    out = model(tok, positions=pos, segment_ids=seg, stale_routers=stale[:cfg.num_hidden_layers])
+    auxes = list(out["aux"])
+    # predict t+1 from t inside a document, never after an EOS (alignment padding follows it)
+    nxt = (seg[:, 1:] == seg[:, :-1]) & (tok[:, :-1] != lcfg.eos_id)
+    ce = _masked_ce(out["logits"][:, :-1], tok[:, 1:], nxt.astype(jnp.float32))
+    mtp = jnp.float32(0.0)
+    if cfg.n_mtp:
+        mtp_logits, _, aux = model.mtp_logits(out["streams"][:, :-1], tok[:, 1:], positions=pos[:, :-1],
+                                              segment_ids=seg[:, :-1], stale_router=stale[cfg.num_hidden_layers])
+        auxes.append(aux)
+        mtp = _masked_ce(mtp_logits[:, :-1], tok[:, 2:], (nxt[:, :-1] & nxt[:, 1:]).astype(jnp.float32))
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    bal, counts = jnp.float32(0.0), []
+    for a, g in zip(auxes, gates):
+        if not g.is_hash:
+            row_loss, c = balance_terms(a, e, k)
+            bal = bal + jnp.mean(row_loss)
+            counts.append(c)
+    loss = ce + mtp_weight * mtp + lcfg.balance_alpha * bal
+    return loss, {"ce": ce, "mtp": mtp, "balance": bal, "counts": counts}
+
+
+def update_balance_biases(model: Transformer, counts, gamma: float):
+    """b_e += gamma * sign(mean load - load_e) for every score-routed layer (in place on `model`)."""
+    for gate, c in zip(routed_layers(model), counts):
+        load = c / jnp.maximum(jnp.sum(c), 1.0)
+        gate.bias[...] = gate.bias[...] + gamma * jnp.sign(jnp.mean(load) - load)
+
+
+def init_router_ring(model: Transformer, delta: int):
+    return [(jnp.broadcast_to(g.weight[...], (delta,) + g.weight.shape),
+             jnp.broadcast_to(g.bias[...], (delta,) + g.bias.shape)) for g in routed_layers(model)]
+
+
+def init_train_state(model: Transformer, tx, lcfg: LossConfig) -> dict:
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ring = init_router_ring(model, lcfg.ar_delta) if lcfg.ar_delta > 0 else []
+    return {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32),
+            "router_ring": ring}
+
+
+def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_sharding=None):
+    """jit((train state, batch, ar_active) -> (train state, metrics)) with the state donated."""
+
+    def step(ts, batch, ar_active):
+        stale, slot = None, None
+        if lcfg.ar_delta > 0:
+            slot = ts["step"] % lcfg.ar_delta  # written ar_delta steps ago
+            cur = [(g.weight[...], g.bias[...]) for g in routed_layers(nnx.merge(graphdef, ts["params"], ts["rest"]))]
+            stale = [(jnp.where(ar_active, w[slot], cw), jnp.where(ar_active, b[slot], cb))
+                     for (w, b), (cw, cb) in zip(ts["router_ring"], cur)]
+        mtp_w = jnp.where(ts["step"] >= lcfg.mtp_late_step, lcfg.mtp_weight_late, lcfg.mtp_weight)
+
+        def loss_fn(params):
+            return compute_loss(nnx.merge(graphdef, params, ts["rest"]), batch, lcfg, mtp_w, stale)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts["params"])
+        updates, opt = tx.update(grads, ts["opt"], ts["params"])
+        params = optax.apply_updates(ts["params"], updates)
+        model = nnx.merge(graphdef, params, ts["rest"])
+        update_balance_biases(model, aux["counts"], lcfg.bias_gamma)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        ring = ts["router_ring"]
+        if lcfg.ar_delta > 0:
+            ring = [(w.at[slot].set(g.weight[...]), b.at[slot].set(g.bias[...]))
+                    for (w, b), g in zip(ring, routed_layers(model))]
+        loads = jnp.stack([c / jnp.maximum(jnp.sum(c), 1.0) for c in aux["counts"]]) if aux["counts"] else None
+        metrics = {"loss": loss, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
+                   "grad_norm": optax.global_norm(grads)}
+        if loads is not None:  # max load / mean load per routed layer (1 = perfectly balanced)
+            metrics["max_load_ratio"] = jnp.max(loads, axis=-1) * loads.shape[-1]
+        new = {"params": params, "rest": rest, "opt": opt, "step": ts["step"] + 1, "router_ring": ring}
+        return new, metrics
+
+    kw = {}
+    if state_sharding is not None:
+        kw = dict(in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None))
+    return jax.jit(step, donate_argnums=(0,), **kw)
