@@ -125,9 +125,13 @@ def newton_schulz(u: jax.Array, coeffs=NS_COEFFS, eps: float = NS_EPS) -> jax.Ar
         x = x.T
     x = x / (jnp.linalg.norm(x) + eps)
     mm = lambda p, q: jnp.matmul(p, q, precision=NS_PRECISION)
-    for a, b, c in coeffs:
+
+    def step(x, abc):  # a scan over the coefficient table keeps the compiled program small
+        a, b, c = abc[0], abc[1], abc[2]
         gram = mm(x, x.T)
-        x = a * x + mm(b * gram + c * mm(gram, gram), x)
+        return a * x + mm(b * gram + c * mm(gram, gram), x), None
+
+    x, _ = jax.lax.scan(step, x, jnp.asarray(coeffs, jnp.float32))
     return x.T if tall else x
 
 

@@ -134,7 +134,7 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
                     for (w, b), g in zip(ring, routed_layers(model))]
         loads = jnp.stack([c / jnp.maximum(jnp.sum(c), 1.0) for c in aux["counts"]]) if aux["counts"] else None
         metrics = {"loss": loss, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         if loads is not None:  # max load / mean load per routed layer (1 = perfectly balanced)
             metrics["max_load_ratio"] = jnp.max(loads, axis=-1) * loads.shape[-1]
         new = {"params": params, "rest": rest, "opt": opt, "step": ts["step"] + 1, "router_ring": ring}
