@@ -21,7 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="logits for every position of given token sequences")
-    s.add_argument("--checkpoint", required=True, help="hub-format directory (config.json + *.safetensors)")
+    s.add_argument("--checkpoint", required=True,
+                   help="hub-format directory (config.json + *.safetensors) or a train.py --out directory")
     s.add_argument("--tokens", required=True, help=".npy integer array [B, S]")
     s.add_argument("--out", required=True, help="output .npz")
     s.add_argument("--prefill", type=int, default=None, help="prefill N tokens, then decode one at a time")
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_score(args) -> int:
     import numpy as np
 
-    from v4jax import checkpoint, scoring
+    from v4jax import scoring
     from v4jax.sharding import make_mesh
 
     if not os.path.exists(args.tokens):
@@ -42,8 +43,7 @@ def cmd_score(args) -> int:
     tokens = np.load(args.tokens)
     mesh = make_mesh(args.mesh) if args.mesh else None
     t0 = time.time()
-    model = checkpoint.load_hub(args.checkpoint, mesh=mesh, dtype=args.dtype, param_dtype=args.dtype,
-                                qat_sim=args.qat_sim)
+    model = load_model(args.checkpoint, mesh, dtype=args.dtype, param_dtype=args.dtype, qat_sim=args.qat_sim)
     tokens = scoring.check_tokens(tokens, model.cfg.vocab_size)
     print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s; scoring {tokens.shape[0]}x{tokens.shape[1]} tokens",
           file=sys.stderr)
@@ -53,6 +53,18 @@ def cmd_score(args) -> int:
     _save_npz_atomic(args.out, out)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()))
     return 0
+
+
+def load_model(path: str, mesh=None, **runtime):
+    """A hub-format directory (*.safetensors) or a v4jax training run directory (orbax checkpoints)."""
+    from v4jax import checkpoint
+    from v4jax.trainer import load_trained
+
+    if not os.path.isdir(path):
+        raise checkpoint.CheckpointError(f"no checkpoint directory {path}")
+    if any(f.endswith(".safetensors") for f in os.listdir(path)):
+        return checkpoint.load_hub(path, mesh=mesh, **runtime)
+    return load_trained(path, **runtime)
 
 
 def _save_npz_atomic(path: str, arrays: dict) -> None:

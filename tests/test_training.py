@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(out, **kw):
-    rc = RunConfig(config=CONFIG, batch=4, seq_len=64, warmup=2, lr=3e-3, out=str(out), log_every=1000,
+    kw = {"batch": 4, **kw}
+    rc = RunConfig(config=CONFIG, seq_len=64, warmup=2, lr=3e-3, out=str(out), log_every=1000,
                    data_max_bytes=400_000, **kw)
     tr = Trainer(rc)
     tr.run(log=lambda s: None)

@@ -155,8 +155,9 @@ class Trainer:
         """Parameters and biases by the rules table; optimiser state and ring follow their params."""
         sh = {"params": state_shardings(ts["params"], self.mesh), "rest": state_shardings(ts["rest"], self.mesh)}
         ts = dict(ts, params=jax.device_put(ts["params"], sh["params"]), rest=jax.device_put(ts["rest"], sh["rest"]))
-        ts["opt"] = jax.jit(self.tx.init)(ts["params"])
         repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        on_mesh = lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, repl)
+        ts["opt"] = jax.tree.map(on_mesh, jax.jit(self.tx.init)(ts["params"]))  # counters: replicated
         ts["step"] = jax.device_put(ts["step"], repl)
         ts["router_ring"] = jax.device_put(ts["router_ring"], repl)
         return ts
