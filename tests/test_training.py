@@ -156,3 +156,18 @@ def test_inference_reads_the_training_checkpoint(uninterrupted):
     got = M.forward_fn(nnx.graphdef(m))(nnx.state(m), ids, z, None)["logits"]
     ref = M.forward_fn(nnx.graphdef(tr.model()))(nnx.state(tr.model()), ids, z, None)["logits"]
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_sparse_attention_recipe_phases(tmp_path):
+    out = tmp_path / "p"
+    _run(out, steps=6, save_every=2, phases="dense:2,indexer_warmup:4,sparse", spike_detect=False)
+    recs = _metrics(out)
+    assert [r["phase"] for r in recs] == ["dense"] * 2 + ["indexer_warmup"] * 2 + ["sparse"] * 2
+    assert all(r["indexer_kl"] == 0.0 for r in recs[:2])
+    for r in recs[2:4]:  # warm-up: the loss is the indexer's KL alone
+        assert r["indexer_kl"] > 0 and abs(r["loss"] - r["indexer_kl"]) < 1e-5
+    assert all(r["indexer_kl"] > 0 and r["loss"] > r["ce"] for r in recs[4:])
+    before, after = (nnx.to_flat_state(nnx.state(load_trained(str(out), step=s), nnx.Param)) for s in (2, 4))
+    for (path, a), (_, b) in zip(before, after):  # only the indexers moved during the warm-up
+        same = np.array_equal(np.asarray(a[...]), np.asarray(b[...]))
+        assert same != ("indexer" in path), path

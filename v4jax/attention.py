@@ -86,7 +86,7 @@ class Attention(nnx.Module):
 
     # ---------------------------------------------------------------- forward
     def __call__(self, x_btd: jax.Array, start_b: jax.Array, state: dict | None, pos_bt=None, seg_bt=None):
-        """x [B, T, d] at positions start_b[b] + t -> (out [B, T, d], new state, top-k idx or None).
+        """x [B, T, d] at positions start_b[b] + t -> (out [B, T, d], new state, {topk, indexer_kl}).
 
         Packed training passes per-token `pos_bt` (restarting per document) and `seg_bt` (document
         ids): nothing attends across documents. Documents must start at multiples of every
@@ -119,14 +119,16 @@ class Attention(nnx.Module):
                                                          cfg.qat_sim)
             comp = (new_state["comp"]["kv"], ent_seg)
         if self.ratio == 4:
-            new_state["index"], _ = self.indexer.compressor(x_btd, pos_bt, seg_bt, start_b, state["index"], inv_freq,
+            # with the indexer loss on (training recipe), the indexer learns from detached inputs only
+            xi, cqi = (jax.lax.stop_gradient(x_btd), jax.lax.stop_gradient(cq)) if cfg.indexer_loss else (x_btd, cq)
+            new_state["index"], _ = self.indexer.compressor(xi, pos_bt, seg_bt, start_b, state["index"], inv_freq,
                                                             cfg.qat_sim)
-            qi, wi = self.indexer.queries(x_btd, cq, cos, sin, cfg.qat_sim)
+            qi, wi = self.indexer.queries(xi, cqi, cos, sin, cfg.qat_sim)
             index = (qi, wi, new_state["index"]["kv"])
 
-        o, topk = self.core(q, kv, state["win"], comp, index, start_b, seg_bt)
+        o, topk, kl = self.core(q, kv, state["win"], comp, index, start_b, seg_bt)
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
-        return self.project_out(o), new_state, topk
+        return self.project_out(o), new_state, {"topk": topk, "indexer_kl": jnp.mean(kl)}
 
     def project_out(self, o_bthc: jax.Array) -> jax.Array:
         """Grouped low-rank output: group g of heads -> wo_a[g] (o_lora) -> concat -> wo_b."""
@@ -141,7 +143,8 @@ class Attention(nnx.Module):
         """Batched sparse attention; vmaps `attend_sequence` over the batch."""
         fn = functools.partial(attend_sequence, window=self.window, ratio=self.ratio,
                                block=min(self.cfg.attn_block, q.shape[1]), topk=self.cfg.index_topk,
-                               scale=self.head_dim ** -0.5)
+                               scale=self.head_dim ** -0.5, csa_dense=self.cfg.csa_mode == "dense",
+                               indexer_loss=self.cfg.indexer_loss)
         sink = self.attn_sink[...]
 
         def one(q, kv, w, s, seg, c=None, cseg=None, qi=None, wi=None, ki=None):
@@ -152,8 +155,8 @@ class Attention(nnx.Module):
 
 
 def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, window, ratio, block, topk,
-                    scale):
-    """One sequence, all query blocks -> (o [T, H, c], top-k indices [T, k] or None).
+                    scale, csa_dense=False, indexer_loss=False):
+    """One sequence, all query blocks -> (o [T, H, c], top-k ids [T, k] or None, mean indexer KL).
 
     comp = (entries [N, c], entry segments [N]); seg_t [T] document ids (window rows from the state
     count as segment 0, like every token of a single-document decode)."""
@@ -181,30 +184,58 @@ def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, 
         r = jnp.arange(block + window)[None, :]
         win_ok = (r >= jj + 1) & (r <= jj + window) & (j0 + r >= window - start) & (ks == qs)
         logits = [jnp.where(win_ok[:, None, :], _qk(q, keys, scale), -jnp.inf)]
-        pos = start + j0 + jnp.arange(block)  # [Q]
-        idx = None
+        vals = idx = score = None
         if ratio:
-            visible = (pos + 1) // ratio  # entries i < visible are causal
-            same_doc = cseg[None, :] == qs  # [Q, N]
-            if index is None:  # HCA: every causal entry
-                ok = (jnp.arange(comp_nc.shape[0])[None, :] < visible[:, None]) & same_doc
-                logits.append(jnp.where(ok[:, None, :], _qk(q, comp_nc, scale), -jnp.inf))
-                vals = comp_nc
-            else:  # CSA: indexer top-k, then a gather
-                qb = jax.lax.dynamic_slice_in_dim(qi, j0, block)
-                wb = jax.lax.dynamic_slice_in_dim(wi, j0, block)
-                idx = select_topk(qb, wb, ki, visible, same_doc, topk)  # [Q, k], -1 = none
-                vals = comp_nc[jnp.maximum(idx, 0)]  # [Q, k, c]
-                lg = jnp.einsum("qhc,qkc->qhk", q, vals, precision=HIGHEST) * scale
-                logits.append(jnp.where((idx >= 0)[:, None, :], lg, -jnp.inf))
-        o = _sink_softmax_mix(logits, keys, vals if ratio else None, sink_h)
-        return o, idx
+            pos = start + j0 + jnp.arange(block)  # [Q]
+            ok = (jnp.arange(comp_nc.shape[0])[None, :] < ((pos + 1) // ratio)[:, None]) & (cseg[None, :] == qs)
+            iblk = None if index is None else tuple(jax.lax.dynamic_slice_in_dim(a, j0, block) for a in (qi, wi))
+            lg, vals, idx, score = _compressed_branch(q, comp_nc, ok, iblk, ki if index is not None else None,
+                                                      topk, scale, csa_dense)
+            logits.append(lg)
+        o, p = _sink_softmax_mix(logits, keys, vals, sink_h)
+        kl = _indexer_kl(p[..., keys.shape[0]:], score) if indexer_loss and score is not None else jnp.zeros((2,))
+        return o, idx, kl
 
-    o, idx = jax.lax.map(one_block, jnp.arange(nblk))
+    o, idx, kl = jax.lax.map(one_block, jnp.arange(nblk))
     o = o.reshape(tp, h, c)[:t]
     if idx is not None:
         idx = idx.reshape(tp, -1)[:t]
-    return o, idx
+    kl = jnp.sum(kl, axis=0)
+    return o, idx, kl[0] / jnp.maximum(kl[1], 1.0)
+
+
+def _compressed_branch(q, comp_nc, ok_qn, iblk, ki, topk, scale, csa_dense):
+    """-> (logits [Q, H, K], values, top-k ids [Q, k] or None, indexer scores over the same K or None).
+
+    HCA (no indexer): every causal entry. CSA: the indexer's top-k entries, gathered; or, in the dense
+    phase of the training recipe, every causal entry (the indexer is still scored, for its KL loss)."""
+    if iblk is None or csa_dense:
+        lg = jnp.where(ok_qn[:, None, :], _qk(q, comp_nc, scale), -jnp.inf)
+        if iblk is None:
+            return lg, comp_nc, None, None
+        s = index_scores(*iblk, ki, ok_qn)
+        _, idx = jax.lax.top_k(s, min(topk, s.shape[-1]))
+        return lg, comp_nc, idx, s
+    s = index_scores(*iblk, ki, ok_qn)
+    val, idx = jax.lax.top_k(s, min(topk, s.shape[-1]))
+    idx = jnp.where(val > -jnp.inf, idx, -1)  # [Q, k], -1 = none
+    vals = comp_nc[jnp.maximum(idx, 0)]  # [Q, k, c]: a gather, never a mask
+    lg = jnp.einsum("qhc,qkc->qhk", q, vals, precision=HIGHEST) * scale
+    return jnp.where((idx >= 0)[:, None, :], lg, -jnp.inf), vals, idx, val
+
+
+def _indexer_kl(p_qhk, s_qk):
+    """[sum over queries of KL(attention || indexer), number of queries] over the same candidates.
+
+    Target: the main attention's probabilities on the compressed candidates, summed over heads and
+    L1-normalised (no gradient); prediction: softmax of the index scores (spec §12.2, V3.2 recipe)."""
+    target = jax.lax.stop_gradient(jnp.sum(p_qhk.astype(jnp.float32), axis=1))  # [Q, K]
+    z = jnp.sum(target, axis=-1, keepdims=True)
+    valid = (z[:, 0] > 0) & jnp.any(jnp.isfinite(s_qk), axis=-1)
+    target = target / jnp.maximum(z, 1e-30)
+    logq = jax.nn.log_softmax(jnp.where(jnp.isfinite(s_qk), s_qk, -1e30), axis=-1)
+    kl = jnp.sum(jnp.where(target > 0, target * (jnp.log(jnp.maximum(target, 1e-30)) - logq), 0.0), axis=-1)
+    return jnp.stack([jnp.sum(jnp.where(valid, kl, 0.0)), jnp.sum(valid.astype(jnp.float32))])
 
 
 def _qk(q_qhc, k_kc, scale):
@@ -224,15 +255,11 @@ def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
     if comp_vals is not None:
         eq = "qhk,qkc->qhc" if comp_vals.ndim == 3 else "qhk,kc->qhc"
         o = o + jnp.einsum(eq, p[..., nw:], comp_vals, precision=HIGHEST)
-    return o
+    return o, p
 
 
-def select_topk(q_qhd, w_qh, k_nd, visible_q, same_doc_qn, topk):
-    """Index scores sum_h w[q,h] relu(q[q,h].k[n]) over causal same-document entries -> top-k ids, -1 = none."""
-    n = k_nd.shape[0]
+def index_scores(q_qhd, w_qh, k_nd, ok_qn):
+    """Lightning-indexer scores sum_h w[q,h] relu(q[q,h].k[n]) [Q, N]; -inf where not causal/same document."""
     s = jnp.einsum("qhd,nd->qhn", q_qhd, k_nd, precision=HIGHEST).astype(jnp.float32)
     s = jnp.einsum("qhn,qh->qn", jax.nn.relu(s), w_qh, precision=HIGHEST)
-    ok = (jnp.arange(n)[None, :] < visible_q[:, None]) & same_doc_qn
-    s = jnp.where(ok, s, -jnp.inf)
-    val, idx = jax.lax.top_k(s, min(topk, n))
-    return jnp.where(val > -jnp.inf, idx, -1)
+    return jnp.where(ok_qn, s, -jnp.inf)

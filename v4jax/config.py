@@ -80,7 +80,8 @@ class ModelConfig:
     qat_sim: bool = False  # official FP8 KV / FP4 indexer quantise-dequantise simulations
     attn_block: int = 128  # queries per block in the full-sequence attention scan
     moe_impl: str = "auto"  # "dense" | "gather" | "auto"
-    remat: bool = False
+    csa_mode: str = "sparse"  # "dense": CSA attends to every causal entry (first phase of the training recipe)
+    indexer_loss: bool = False  # compute the indexer's KL toward the main attention (detached inputs)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -186,6 +187,7 @@ class ModelConfig:
         need(self.param_dtype in ("float32", "bfloat16"), "param_dtype", f"unsupported {self.param_dtype}")
         need(self.moe_impl in ("auto", "dense", "gather"), "moe_impl", f"unknown '{self.moe_impl}'")
         need(self.attn_block > 0, "attn_block", "must be positive")
+        need(self.csa_mode in ("sparse", "dense"), "csa_mode", f"unknown '{self.csa_mode}'")
         need(self.expert_dtype in (None, "fp4", "fp8", "bf16"), "expert_dtype", f"unknown '{self.expert_dtype}'")
 
     # ---- serialisation -------------------------------------------------------------------------

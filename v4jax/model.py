@@ -34,12 +34,12 @@ class Block(nnx.Module):
 
     def __call__(self, x_btnd, ids_bt, start_b, state, stale_router=None, pos_bt=None, seg_bt=None):
         y, post, comb = self.hc_attn.pre(x_btnd)
-        a, state, topk = self.attn(self.attn_norm(y), start_b, state, pos_bt, seg_bt)
+        a, state, attn_aux = self.attn(self.attn_norm(y), start_b, state, pos_bt, seg_bt)
         x_btnd = HyperConnection.post(a, x_btnd, post, comb)
         y, post, comb = self.hc_ffn.pre(x_btnd)
         f, aux = self.ffn(self.ffn_norm(y), ids_bt, stale_router)
         x_btnd = HyperConnection.post(f, x_btnd, post, comb)
-        aux["topk"] = topk
+        aux.update(attn_aux)
         return x_btnd, state, aux
 
 

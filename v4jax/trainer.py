@@ -64,6 +64,10 @@ class RunConfig:
     ar_delta: int = 2  # anticipatory routing lag (0 = off)
     ar_steps: int = 20  # steps of anticipatory routing after a spike
     inject_spike_at: int = -1  # testing: perturb the parameters before this step
+    # sparse-attention recipe: "dense:N1,indexer_warmup:N2,sparse" = dense CSA until step N1, indexer-only
+    # KL warm-up until N2, then top-k with the KL on the selected entries. "" = sparse, no indexer loss.
+    phases: str = ""
+    indexer_kl_weight: float = 1.0
     sample_tokens: int = 48
 
     @classmethod
@@ -145,7 +149,8 @@ class Trainer:
         self.tx = optim.make_optimizer(params, ocfg)
         self.ts = self._place(T.init_train_state(model, self.tx, self.lcfg))
         self.sharding = jax.tree.map(lambda x: x.sharding, self.ts)
-        self.step_fn = T.make_train_step(self.graphdef, self.tx, self.lcfg, self.sharding, None)
+        self.phases = parse_phases(rc.phases, rc.steps)
+        self._step_fns = {}
         self.detector = SpikeDetector(rc.spike_window, rc.spike_factor)
         self.manager = ocp.CheckpointManager(
             os.path.abspath(rc.out),
@@ -216,8 +221,9 @@ class Trainer:
                 if step == rc.inject_spike_at and not self.detector.events:
                     self._inject_spike()  # testing hook, once
                 ar = self.detector.ar_left > 0
+                phase = self.phase_at(step)
                 t0 = time.time()
-                self.ts, met = self.step_fn(self.ts, self._batch(), jnp.asarray(ar))
+                self.ts, met = self.step_fn(phase)(self.ts, self._batch(), jnp.asarray(ar))
                 loss = float(met["loss"])
                 dt = time.time() - t0
                 if rc.spike_detect and self.detector.is_spike(loss):
@@ -227,7 +233,7 @@ class Trainer:
                 step += 1
                 tokens = rc.batch * rc.seq_len * jax.process_count()
                 done_tokens += tokens
-                last = _record(step, met, float(self.schedule(step - 1)), tokens / dt, ar)
+                last = dict(_record(step, met, float(self.schedule(step - 1)), tokens / dt, ar), phase=phase)
                 mlog.write(json.dumps(last) + "\n")
                 mlog.flush()
                 if step % rc.log_every == 0 or step == start + 1 or step == rc.steps:
@@ -240,6 +246,21 @@ class Trainer:
                     snap = self._snapshot(step)
         self.manager.wait_until_finished()
         return last
+
+    def phase_at(self, step: int) -> str:
+        return next(name for name, until in self.phases if step < until)
+
+    def step_fn(self, phase: str):
+        """The jitted step of a recipe phase (compiled once, on first use)."""
+        if phase not in self._step_fns:
+            kw = {"dense": dict(csa_mode="dense"), "indexer_warmup": dict(csa_mode="dense", indexer_loss=True),
+                  "sparse": dict(indexer_loss=bool(self.rc.phases)), "": {}}[phase]
+            graphdef = nnx.graphdef(M.abstract(dataclasses.replace(self.cfg, **kw)))
+            lcfg = dataclasses.replace(self.lcfg, indexer_kl_weight=self.rc.indexer_kl_weight,
+                                       lm_loss=phase != "indexer_warmup")
+            mask = T.indexer_only_mask(self.ts["params"]) if phase == "indexer_warmup" else None
+            self._step_fns[phase] = T.make_train_step(graphdef, self.tx, lcfg, self.sharding, None, mask)
+        return self._step_fns[phase]
 
     def _rollback(self, snap, step, loss, mlog, log) -> int:
         self.detector.events += 1
@@ -272,9 +293,27 @@ class Trainer:
         return nnx.merge(self.graphdef, self.ts["params"], self.ts["rest"])
 
 
+def parse_phases(spec: str, steps: int) -> list[tuple[str, int]]:
+    """"dense:40,indexer_warmup:60,sparse" -> [("dense", 40), ("indexer_warmup", 60), ("sparse", steps)]."""
+    if not spec:
+        return [("", steps)]
+    out, prev = [], 0
+    for part in spec.split(","):
+        name, _, until = part.strip().partition(":")
+        if name not in ("dense", "indexer_warmup", "sparse"):
+            raise ValueError(f"phases: unknown phase '{name}' (dense, indexer_warmup, sparse)")
+        end = int(until) if until else steps
+        if end <= prev:
+            raise ValueError(f"phases: '{part}' must end after step {prev}")
+        out.append((name, end))
+        prev = end
+    out[-1] = (out[-1][0], max(out[-1][1], steps))
+    return out
+
+
 def _record(step, met, lr, tps, ar) -> dict:
     rec = {"step": step, "loss": float(met["loss"]), "ce": float(met["ce"]), "mtp": float(met["mtp"]),
-           "balance": float(met["balance"]), "lr": lr, "grad_norm": float(met["grad_norm"]),
+           "balance": float(met["balance"]), "indexer_kl": float(met["indexer_kl"]), "lr": lr, "grad_norm": float(met["grad_norm"]),
            "tokens_per_sec": tps, "anticipatory_routing": bool(ar)}
     if "max_load_ratio" in met:
         rec["max_load_ratio"] = [round(float(x), 4) for x in np.asarray(met["max_load_ratio"])]

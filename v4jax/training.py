@@ -34,6 +34,8 @@ class LossConfig:
     bias_gamma: float = 1e-3
     ar_delta: int = 0  # anticipatory-routing lag Δt in steps (0 = ring not kept)
     eos_id: int = 1
+    indexer_kl_weight: float = 1.0
+    lm_loss: bool = True  # False in the indexer warm-up: the loss is the indexer KL alone
 
 
 def routed_layers(model: Transformer):
@@ -84,8 +86,11 @@ def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, 
             row_loss, c = balance_terms(a, e, k)
             bal = bal + jnp.mean(row_loss)
             counts.append(c)
-    loss = ce + mtp_weight * mtp + lcfg.balance_alpha * bal
-    return loss, {"ce": ce, "mtp": mtp, "balance": bal, "counts": counts}
+    kl = sum(a["indexer_kl"] for a in auxes)  # 0 unless the model computes the indexer loss
+    loss = lcfg.indexer_kl_weight * kl
+    if lcfg.lm_loss:
+        loss = loss + ce + mtp_weight * mtp + lcfg.balance_alpha * bal
+    return loss, {"ce": ce, "mtp": mtp, "balance": bal, "indexer_kl": kl, "counts": counts}
 
 
 def update_balance_biases(model: Transformer, counts, gamma: float):
@@ -107,8 +112,16 @@ def init_train_state(model: Transformer, tx, lcfg: LossConfig) -> dict:
             "router_ring": ring}
 
 
-def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_sharding=None):
-    """jit((train state, batch, ar_active) -> (train state, metrics)) with the state donated."""
+def indexer_only_mask(params):
+    """1.0 for the lightning indexers' parameters, 0.0 elsewhere (the recipe's indexer warm-up)."""
+    return nnx.from_flat_state([(p, v.replace(jnp.asarray(float("indexer" in p), jnp.float32)))
+                                for p, v in nnx.to_flat_state(params)])
+
+
+def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_sharding=None, train_mask=None):
+    """jit((train state, batch, ar_active) -> (train state, metrics)) with the state donated.
+
+    `train_mask` (a params-shaped pytree of 0/1) freezes the parameters where it is 0."""
 
     def step(ts, batch, ar_active):
         stale, slot = None, None
@@ -124,6 +137,8 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts["params"])
         updates, opt = tx.update(grads, ts["opt"], ts["params"])
+        if train_mask is not None:
+            updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, train_mask)
         params = optax.apply_updates(ts["params"], updates)
         model = nnx.merge(graphdef, params, ts["rest"])
         update_balance_biases(model, aux["counts"], lcfg.bias_gamma)
@@ -134,6 +149,7 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
                     for (w, b), g in zip(ring, routed_layers(model))]
         loads = jnp.stack([c / jnp.maximum(jnp.sum(c), 1.0) for c in aux["counts"]]) if aux["counts"] else None
         metrics = {"loss": loss, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
+                   "indexer_kl": aux["indexer_kl"],
                    "grad_norm": optax.tree.norm(grads)}
         if loads is not None:  # max load / mean load per routed layer (1 = perfectly balanced)
             metrics["max_load_ratio"] = jnp.max(loads, axis=-1) * loads.shape[-1]
