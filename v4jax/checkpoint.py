@@ -20,7 +20,6 @@ import re
 import struct
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx

@@ -214,7 +214,7 @@ class Trainer:
         if start:
             log(f"resumed from {rc.out} at step {start}")
         snap = self._snapshot(start)
-        t_begin, done_tokens, last = time.time(), 0, {}
+        t_begin, last = time.time(), {}
         with open(metrics_path, "a") as mlog:
             step = start
             while step < rc.steps:
@@ -232,7 +232,6 @@ class Trainer:
                 self.detector.observe(loss)
                 step += 1
                 tokens = rc.batch * rc.seq_len * jax.process_count()
-                done_tokens += tokens
                 last = dict(_record(step, met, float(self.schedule(step - 1)), tokens / dt, ar), phase=phase)
                 mlog.write(json.dumps(last) + "\n")
                 mlog.flush()
