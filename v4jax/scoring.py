@@ -46,7 +46,10 @@ def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool
     if s > cfg.max_position_embeddings:
         raise ValueError(f"sequence of {s} tokens is longer than max_position_embeddings={cfg.max_position_embeddings}")
     graphdef, params = nnx.split(model)
-    full = forward_fn(graphdef)(params, ids, jnp.zeros((b,), jnp.int32), None)
+    want_mtp = with_mtp and cfg.n_mtp and s > 1
+    full = None  # the full forward is needed for its logits, or for the streams the MTP block reads
+    if prefill is None or want_mtp:
+        full = forward_fn(graphdef)(params, ids, jnp.zeros((b,), jnp.int32), None)
     out = {}
     if prefill is None:
         out["logits"] = np.asarray(full["logits"], np.float32)
@@ -54,7 +57,7 @@ def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool
         if not 0 < prefill <= s:
             raise ValueError(f"--prefill must be within 1..{s}, got {prefill}")
         out["logits"] = prefill_decode_logits(model, ids, prefill)
-    if with_mtp and cfg.n_mtp and s > 1:
+    if want_mtp:
         mtp_logits, _, _ = mtp_fn(graphdef)(params, full["streams"][:, :-1], ids[:, 1:], None, None)
         out["mtp_logits"] = np.asarray(mtp_logits, np.float32)
     return out
