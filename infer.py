@@ -1,7 +1,18 @@
 """v4jax inference command line.
 
+  python infer.py generate --checkpoint DIR --prompt TEXT [--mode chat|think-high|think-max|raw]
+                        [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
+                        [--stop STR ...] [--speculative] [--max-context N] [--kv-dtype fp8|bfloat16]
+                        [--tokenizer tokenizer.json] [--prompt-texts FILE] [--mesh data=2,tensor=2]
+  python infer.py chat --checkpoint DIR [same options]   interactive; /title /query /action /domain
+                        /authority /read_url URL answer quick instructions, /reset, /exit
+  python infer.py kv-report --config CONFIG.json --context N [--kv-dtype fp8|bfloat16]
+  python infer.py render --messages MESSAGES.json [--tools TOOLS.json] [--mode ...] [--prompt-texts FILE]
   python infer.py score --checkpoint DIR --tokens TOKENS.npy --out OUT.npz [--prefill N]
                         [--dtype float32|bfloat16] [--qat-sim] [--mesh data=2,tensor=2]
+
+DIR is a hub-format directory (config.json + *.safetensors [+ tokenizer.json]) or a train.py --out
+directory. Without a tokenizer.json the byte tokenizer is used (the tiny default).
 
 `score` writes `logits` [B, S, V] float32 for every position (one full forward, or with --prefill N
 a prefill of N tokens followed by one-token decode steps) and, when the model has an MTP block,
@@ -29,6 +40,38 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--qat-sim", action="store_true", help="official FP8 KV / FP4 indexer simulations")
     s.add_argument("--mesh", default=None, help="e.g. data=2,expert=2,tensor=2 (default: one device)")
+
+    for name in ("generate", "chat"):
+        g = sub.add_parser(name, help="sample a reply to --prompt" if name == "generate" else "interactive chat")
+        g.add_argument("--checkpoint", required=True)
+        if name == "generate":
+            g.add_argument("--prompt", required=True)
+        g.add_argument("--mode", default="chat", help="chat | think-high | think-max" + (" | raw" if name == "generate" else ""))
+        g.add_argument("--max-new-tokens", type=int, default=128)
+        g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        g.add_argument("--top-p", type=float, default=1.0)
+        g.add_argument("--top-k", type=int, default=0)
+        g.add_argument("--seed", type=int, default=0)
+        g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        g.add_argument("--speculative", action="store_true", help="MTP speculative decoding (greedy)")
+        g.add_argument("--max-context", type=int, default=4096)
+        g.add_argument("--kv-dtype", choices=("fp8", "bfloat16", "float32"), default=None,
+                       help="decode-state layout (default: the compute dtype)")
+        g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+        g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: DIR/tokenizer.json, else bytes)")
+        g.add_argument("--prompt-texts", default=None, help="official prompt blocks: JSON or encoding_dsv4.py")
+        g.add_argument("--mesh", default=None)
+
+    k = sub.add_parser("kv-report", help="decode-state bytes of one sequence (JSON)")
+    k.add_argument("--config", required=True, help="config.json, a directory holding one, or a configs/ name")
+    k.add_argument("--context", type=int, required=True)
+    k.add_argument("--kv-dtype", choices=("fp8", "bfloat16", "float32"), default="bfloat16")
+
+    r = sub.add_parser("render", help="print the prompt text of a conversation")
+    r.add_argument("--messages", required=True, help="JSON list of messages (or {messages, tools})")
+    r.add_argument("--tools", default=None)
+    r.add_argument("--mode", default="chat")
+    r.add_argument("--prompt-texts", default=None)
     return p
 
 
@@ -53,6 +96,131 @@ def cmd_score(args) -> int:
     _save_npz_atomic(args.out, out)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()))
     return 0
+
+
+def cmd_kv_report(args) -> int:
+    import json
+
+    from v4jax.config import CONFIG_DIR, ModelConfig
+    from v4jax.serving import kv_report
+
+    path = args.config
+    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + ".json")):
+        path = os.path.join(CONFIG_DIR, path + ".json")
+    cfg = ModelConfig.from_hub(path)
+    if not 0 < args.context <= cfg.max_position_embeddings:
+        raise ValueError(f"--context must be within 1..{cfg.max_position_embeddings}, got {args.context}")
+    print(json.dumps(kv_report(cfg, args.context, args.kv_dtype), indent=1))
+    return 0
+
+
+def cmd_render(args) -> int:
+    import json
+
+    from v4jax import chat
+
+    with open(args.messages, encoding="utf-8") as f:
+        data = json.load(f)
+    messages, tools = (data.get("messages"), data.get("tools")) if isinstance(data, dict) else (data, None)
+    if args.tools:
+        with open(args.tools, encoding="utf-8") as f:
+            tools = json.load(f)
+    texts = chat.load_prompt_texts(args.prompt_texts) if args.prompt_texts else None
+    sys.stdout.write(chat.render(messages, tools=tools, mode=args.mode, texts=texts))
+    return 0
+
+
+def _session_parts(args):
+    """(engine, tokenizer, prompt texts, sampling) for generate / chat."""
+    from v4jax import chat
+    from v4jax.data import load_tokenizer
+    from v4jax.engine import Engine
+    from v4jax.sampling import SamplingConfig
+    from v4jax.sharding import make_mesh
+
+    modes = chat.MODES + (("raw",) if args.cmd == "generate" else ())
+    if args.mode not in modes:
+        raise ValueError(f"unknown mode '{args.mode}': use one of {', '.join(modes)}")
+    tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.json")
+    tok = load_tokenizer(tok_path if os.path.exists(tok_path) else None)
+    texts = chat.load_prompt_texts(args.prompt_texts) if args.prompt_texts else chat.DEFAULT_TEXTS
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop))
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    t0 = time.time()
+    model = load_model(args.checkpoint, mesh, dtype=args.dtype, param_dtype=args.dtype)
+    engine = Engine(model, args.max_context, kv_layout=args.kv_dtype, speculative=args.speculative,
+                    min_bucket=min(1024, args.max_context))
+    print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)
+    return engine, tok, texts, sampling
+
+
+def cmd_generate(args) -> int:
+    from v4jax import chat
+    from v4jax.serving import generate
+
+    engine, tok, texts, sampling = _session_parts(args)
+    if args.mode == "raw":
+        text = args.prompt
+    else:
+        text = chat.render([{"role": "user", "content": args.prompt}], mode=args.mode, texts=texts)
+    ids = list(tok.encode(text))
+    if args.mode == "raw" and (not ids or ids[0] != engine.cfg.bos_token_id):
+        ids = [engine.cfg.bos_token_id] + ids
+
+    def stream(_, piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    res = generate(engine, [ids], sampling, tok, stream, speculative=args.speculative)
+    g = res["outputs"][0]
+    sys.stdout.write("\n")
+    extra = f", MTP acceptance {res['acceptance']:.2f}" if args.speculative else ""
+    print(f"[{len(ids)} prompt tokens, {len(g.tokens)} new ({g.finish}); prefill {res['prefill_s']:.2f}s, "
+          f"decode {res['tokens_per_s']:.1f} tokens/s{extra}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    import signal
+
+    from v4jax import chat
+    from v4jax.serving import ChatSession
+
+    engine, tok, texts, sampling = _session_parts(args)
+    session = ChatSession(engine, tok, args.mode, texts, sampling)
+    print(f"v4jax chat ({args.mode}). /title /query /action /domain /authority /read_url URL, /reset, /exit; "
+          "Ctrl-C stops a reply.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        cmd, _, rest = line.strip().partition(" ")
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            session = ChatSession(engine, tok, args.mode, texts, sampling)
+            continue
+        if cmd.startswith("/") and cmd[1:] in chat.TASKS:
+            try:
+                print(f"[{cmd[1:]}] {session.quick(cmd[1:], url=rest or None)}")
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        interrupted = []
+        old = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))
+        try:
+            reply = session.send(line, on_text=lambda _, piece: (sys.stdout.write(piece), sys.stdout.flush()),
+                                 should_stop=lambda: bool(interrupted))
+        except ValueError as e:  # e.g. the conversation outgrew --max-context
+            session.messages.pop()
+            print(f"\nerror: {e}", file=sys.stderr)
+            continue
+        finally:
+            signal.signal(signal.SIGINT, old)
+        print(f"\n[{reply['finish']}, {reply['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
 
 
 def load_model(path: str, mesh=None, **runtime):
@@ -88,8 +256,9 @@ def main(argv=None) -> int:
     from v4jax.config import ConfigError
 
     try:
-        return {"score": cmd_score}[args.cmd](args)
-    except (CheckpointError, ConfigError, ValueError) as e:
+        return {"score": cmd_score, "generate": cmd_generate, "chat": cmd_chat, "kv-report": cmd_kv_report,
+                "render": cmd_render}[args.cmd](args)
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -7,13 +7,15 @@
 
 Running again with the same --out resumes from its latest checkpoint. Every setting of
 `v4jax.trainer.RunConfig` can come from the TOML file or --set; flags win over both.
-Multi-host (TPU pods, several GPU hosts): run the same command on every host with --distributed
-(jax.distributed.initialize() reads the cluster from the environment: TPU, SLURM, or
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); --batch is the per-host batch.
+Multi-host (TPU pods, several GPU hosts, or several CPU processes): run the same command on every host
+with --distributed; --batch is the per-host batch. jax.distributed.initialize() detects TPU / SLURM /
+Open MPI / Kubernetes clusters; elsewhere give --coordinator HOST:PORT --num-processes N --process-id I
+(or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which these flags default to).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,10 +33,14 @@ def main(argv=None) -> int:
     ap.add_argument("--data")
     ap.add_argument("--tokenizer")
     ap.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    env = lambda k, typ=str: typ(os.environ[k]) if os.environ.get(k) else None
+    ap.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
+    ap.add_argument("--num-processes", type=int, dest="num_processes", default=env("JAX_NUM_PROCESSES", int))
+    ap.add_argument("--process-id", type=int, dest="process_id", default=env("JAX_PROCESS_ID", int))
     args = ap.parse_args(argv)
     import jax
     if args.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from v4jax.checkpoint import CheckpointError
     from v4jax.config import ConfigError
     from v4jax.trainer import RunConfig, Trainer, sample_text
@@ -44,12 +50,16 @@ def main(argv=None) -> int:
                             data=args.data, tokenizer=args.tokenizer)
         trainer = Trainer(rc)
         print(f"model {rc.config}; data {rc.data or 'Python standard library sources'}; "
-              f"{rc.steps} steps of {rc.batch}x{rc.seq_len} tokens; out {rc.out}", flush=True)
+              f"{rc.steps} steps of {rc.batch}{'x' + str(rc.grad_accum) if rc.grad_accum > 1 else ''}"
+              f"x{rc.seq_stages or rc.seq_len} tokens; out {rc.out}", flush=True)
         trainer.run(log=lambda s: print(s, flush=True))
     except (ConfigError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if jax.process_index() == 0 and rc.sample_tokens:
+    if rc.sample_tokens and jax.process_count() > 1:  # the parameters may span the processes' devices
+        if jax.process_index() == 0:
+            print("sample: skipped in a multi-process run (load the checkpoint with infer.py)")
+    elif rc.sample_tokens:
         print("sample:", repr(sample_text(trainer.model(), trainer.tokenizer, "def ", rc.sample_tokens)))
     return 0
 

@@ -37,3 +37,22 @@ def test_score_rejects_bad_tokens_and_writes_nothing(tmp_path):
     assert r.returncode == 2
     assert "token id 2000 is out of range" in r.stderr
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_kv_report_render_and_argument_errors(tmp_path):
+    import json
+
+    r = _run("kv-report", "--config", "deepseek-v4-flash", "--context", "1048576", "--kv-dtype", "bfloat16")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["bytes_per_token"] == 6880 and rep["total_bytes"] > rep["fixed_bytes"] > 0
+    assert set(rep["by_layer_type"]) == {"swa", "csa", "hca", "mtp"}
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    (tmp_path / "m.json").write_text(json.dumps(msgs))
+    r = _run("render", "--messages", str(tmp_path / "m.json"), "--mode", "think-high")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜><think>"
+    r = _run("render", "--messages", str(tmp_path / "m.json"), "--mode", "think-hard")
+    assert r.returncode == 2 and "think-hard" in r.stderr
+    r = _run("generate", "--checkpoint", fixture_dir("tiny-a-bf16"), "--prompt", "Hi", "--mode", "fast")
+    assert r.returncode == 2 and "unknown mode 'fast'" in r.stderr

@@ -171,3 +171,23 @@ def test_sparse_attention_recipe_phases(tmp_path):
     for (path, a), (_, b) in zip(before, after):  # only the indexers moved during the warm-up
         same = np.array_equal(np.asarray(a[...]), np.asarray(b[...]))
         assert same != ("indexer" in path), path
+
+
+def test_generate_from_the_training_checkpoint(uninterrupted, capsys):
+    """infer.py generate on what train.py saved: raw prompt, greedy, speculative (MTP) and plain agree."""
+    import infer
+
+    out, _ = uninterrupted
+    outs = []
+    for extra in ([], ["--speculative"]):
+        rc = infer.main(["generate", "--checkpoint", str(out), "--prompt", "def main(", "--mode", "raw",
+                         "--max-new-tokens", "12", "--max-context", "256", *extra])
+        cap = capsys.readouterr()
+        assert rc == 0, cap.err
+        outs.append(cap.out)
+        assert "12 new (length)" in cap.err and "tokens/s" in cap.err
+    assert outs[0] == outs[1] and len(outs[0]) > 1
+    assert "MTP acceptance" in cap.err
+    rc = infer.main(["generate", "--checkpoint", str(out), "--prompt", "x" * 300, "--mode", "raw",
+                     "--max-context", "256"])
+    assert rc == 2 and "exceed the maximum context of 256" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import quant
+from . import kvstore, quant
 from .compressor import Compressor
 from .config import ModelConfig
 from .layers import HIGHEST, Linear, RMSNorm, apply_rope, param, rms_norm, rope_cos_sin, rope_inv_freq
@@ -74,23 +74,30 @@ class Attention(nnx.Module):
     def entries_for(self, context: int) -> int:
         return max(1, context // self.ratio) if self.ratio else 0
 
-    def empty_state(self, batch: int, context: int, dtype) -> dict:
-        """Decode state able to hold `context` tokens: window, and compressor tails + entry buffers."""
-        st = {"win": jnp.zeros((batch, self.window, self.head_dim), dtype)}
+    def empty_state(self, batch: int, context: int, dtype, layout: str | None = None) -> dict:
+        """Decode state able to hold `context` tokens: window, and compressor tails + entry buffers.
+
+        `layout` (kvstore): None = plain arrays in `dtype`, "bfloat16", or the "fp8" serving layout."""
+        st = {"win": kvstore.empty((batch, self.window, self.head_dim), dtype, layout, "main", self.rd)}
         n = self.entries_for(context)
         if self.ratio:
-            st["comp"] = self.compressor.empty_state(batch, n, dtype)
+            st["comp"] = self.compressor.empty_state(batch, n, dtype, layout)
         if self.ratio == 4:
-            st["index"] = self.indexer.compressor.empty_state(batch, n, dtype)
+            st["index"] = self.indexer.compressor.empty_state(batch, n, dtype, layout)
         return st
 
     # ---------------------------------------------------------------- forward
-    def __call__(self, x_btd: jax.Array, start_b: jax.Array, state: dict | None, pos_bt=None, seg_bt=None):
+    def __call__(self, x_btd: jax.Array, start_b: jax.Array, state: dict | None, pos_bt=None, seg_bt=None,
+                 valid_b=None, context_limit: int | None = None):
         """x [B, T, d] at positions start_b[b] + t -> (out [B, T, d], new state, {topk, indexer_kl}).
 
         Packed training passes per-token `pos_bt` (restarting per document) and `seg_bt` (document
         ids): nothing attends across documents. Documents must start at multiples of every
-        compression ratio (the data packer aligns them) so compressed blocks never straddle two."""
+        compression ratio (the data packer aligns them) so compressed blocks never straddle two.
+        Decoding a batch of unequal chunks passes `valid_b` [B]: row b's first valid_b[b] tokens are
+        real and only they enter the state (outputs at padding positions are meaningless).
+        `context_limit` (static): every position of this call is below it, so attention reads only
+        the first context_limit // ratio entries of the (larger, preallocated) buffers."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         dtype = x_btd.dtype
@@ -112,23 +119,29 @@ class Attention(nnx.Module):
             nope = self.head_dim - self.rd
             kv = jnp.concatenate([quant.fp8_sim(kv[..., :nope], 64), kv[..., nope:]], axis=-1)
 
-        new_state = {"win": jnp.concatenate([state["win"], kv], axis=1)[:, t:]}
+        win = kvstore.decode(state["win"], dtype)  # [B, W, c]
+        new_state = {"win": kvstore.shift_in(state["win"], kv, valid_b)}
         comp = index = None
         if self.ratio:
             new_state["comp"], ent_seg = self.compressor(x_btd, pos_bt, seg_bt, start_b, state["comp"], inv_freq,
-                                                         cfg.qat_sim)
-            comp = (new_state["comp"]["kv"], ent_seg)
+                                                         cfg.qat_sim, valid_b)
+            n = self._rows(new_state["comp"]["kv"], context_limit)
+            comp = (kvstore.decode(_first_rows(new_state["comp"]["kv"], n), dtype), ent_seg[:, :n])
         if self.ratio == 4:
             # with the indexer loss on (training recipe), the indexer learns from detached inputs only
             xi, cqi = (jax.lax.stop_gradient(x_btd), jax.lax.stop_gradient(cq)) if cfg.indexer_loss else (x_btd, cq)
             new_state["index"], _ = self.indexer.compressor(xi, pos_bt, seg_bt, start_b, state["index"], inv_freq,
-                                                            cfg.qat_sim)
+                                                            cfg.qat_sim, valid_b)
             qi, wi = self.indexer.queries(xi, cqi, cos, sin, cfg.qat_sim)
-            index = (qi, wi, new_state["index"]["kv"])
+            index = (qi, wi, kvstore.decode(_first_rows(new_state["index"]["kv"], n), qi.dtype))
 
-        o, topk, kl = self.core(q, kv, state["win"], comp, index, start_b, seg_bt)
+        o, topk, kl = self.core(q, kv, win, comp, index, start_b, seg_bt)
         o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
         return self.project_out(o), new_state, {"topk": topk, "indexer_kl": jnp.mean(kl)}
+
+    def _rows(self, store, context_limit):
+        n = kvstore.length(store)
+        return n if context_limit is None else min(n, max(1, context_limit // self.ratio))
 
     def project_out(self, o_bthc: jax.Array) -> jax.Array:
         """Grouped low-rank output: group g of heads -> wo_a[g] (o_lora) -> concat -> wo_b."""
@@ -152,6 +165,11 @@ class Attention(nnx.Module):
 
         args = [q, kv, win, start_b, seg_bt] + list(comp or ()) + list(index or ())
         return jax.vmap(one)(*args)
+
+
+def _first_rows(store, n: int):
+    """Static slice of the first n entry rows (a read: XLA fuses it into the consumers)."""
+    return jax.tree.map(lambda x: x[:, :n], store)
 
 
 def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, window, ratio, block, topk,
@@ -259,7 +277,10 @@ def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
 
 
 def index_scores(q_qhd, w_qh, k_nd, ok_qn):
-    """Lightning-indexer scores sum_h w[q,h] relu(q[q,h].k[n]) [Q, N]; -inf where not causal/same document."""
-    s = jnp.einsum("qhd,nd->qhn", q_qhd, k_nd, precision=HIGHEST).astype(jnp.float32)
-    s = jnp.einsum("qhn,qh->qn", jax.nn.relu(s), w_qh, precision=HIGHEST)
-    return jnp.where(ok_qn, s, -jnp.inf)
+    """Lightning-indexer scores sum_h w[q,h] relu(q[q,h].k[n]) [Q, N]; -inf where not causal/same document.
+
+    The keys are the dot's left operand (n first), so XLA streams the long key buffer as stored
+    instead of transposing it at every decode step."""
+    s = jnp.einsum("nd,qhd->nqh", k_nd, q_qhd, precision=HIGHEST).astype(jnp.float32)
+    s = jnp.einsum("nqh,qh->nq", jax.nn.relu(s), w_qh, precision=HIGHEST)
+    return jnp.where(ok_qn, s.T, -jnp.inf)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import quant
+from . import kvstore, quant
 from .config import ModelConfig
 from .layers import Linear, RMSNorm, apply_rope, param, rope_cos_sin
 
@@ -51,8 +51,12 @@ class Compressor(nnx.Module):
         z = self.wgate(xf) + self.ape[...][pos_bt % self.ratio]
         return a, z
 
-    def pool(self, a_tk, z_tk, tail_a, tail_z, start, pos_t, seg_t):
-        """One sequence: -> entries [nb, c] (raw, fp32), entry positions/segments [nb], n_complete, tails."""
+    def pool(self, a_tk, z_tk, tail_a, tail_z, start, pos_t, seg_t, n_valid):
+        """One sequence: -> entries [nb, c] (raw, fp32), entry positions/segments [nb], n_complete, tails.
+
+        Only the first `n_valid` chunk tokens are real (the rest is batch padding): blocks they do not
+        complete are neither emitted nor moved into the previous-block tail; padding rows left in the
+        current-block tail are overwritten by the next chunk before that block can complete."""
         m, c, T = self.ratio, self.width, a_tk.shape[0]
         nb = (m + T + m - 1) // m
         cur = slice(m, 2 * m) if self.overlap else slice(0, m)
@@ -69,7 +73,7 @@ class Compressor(nnx.Module):
         last = jnp.arange(nb) * m + m - 1  # each block's last token (always real for complete blocks)
         ent_pos = buffer(None, pos_t, 0)[last] - (m - 1)  # the block's first position, per document
         ent_seg = buffer(None, seg_t, 0)[last]
-        n_complete = (r0 + T) // m
+        n_complete = (r0 + n_valid) // m
         if self.overlap:
             prev_a = jnp.concatenate([tail_a[None, :m], blk_a[:-1]], axis=0)
             prev_z = jnp.concatenate([tail_z[None, :m], blk_z[:-1]], axis=0)
@@ -104,29 +108,37 @@ class Compressor(nnx.Module):
             e = jnp.concatenate([quant.fp8_sim(e[..., : self.nope], 64), e[..., self.nope:]], axis=-1)
         return e
 
-    def __call__(self, x_btd, pos_bt, seg_bt, start_b, state: dict, inv_freq, qat_sim: bool):
+    def __call__(self, x_btd, pos_bt, seg_bt, start_b, state: dict, inv_freq, qat_sim: bool, valid_b=None):
         """Consumes a chunk -> (updated state {tail_a, tail_z, kv}, entry segments [B, N]).
 
         Entry segments are those of the entries written by this chunk (0 for older entries: the
-        stateful decode path has a single document, segment 0)."""
+        stateful decode path has a single document, segment 0). `valid_b` [B]: real tokens per row
+        (default all T). The entry buffer is a plain array or a quantised store (`kvstore`)."""
         a, z = self.project(x_btd, pos_bt)
+        b, t = x_btd.shape[:2]
+        if valid_b is None:
+            valid_b = jnp.full((b,), t, jnp.int32)
+        dtype = kvstore.compute_dtype(state["kv"], x_btd.dtype)
 
-        def one(a_tk, z_tk, tail_a, tail_z, kv_nc, start, pos_t, seg_t):
+        def one(a_tk, z_tk, tail_a, tail_z, kv_nc, start, pos_t, seg_t, n_valid):
             entries, ent_pos, ent_seg, n_complete, new_a, new_z = self.pool(a_tk, z_tk, tail_a, tail_z, start,
-                                                                            pos_t, seg_t)
-            e = self.finish(entries, ent_pos, inv_freq, qat_sim, kv_nc.dtype)
+                                                                            pos_t, seg_t, n_valid)
+            e = self.finish(entries, ent_pos, inv_freq, qat_sim, dtype)
+            n_buf = kvstore.length(kv_nc)
             j = jnp.arange(e.shape[0])
-            idx = jnp.where(j < n_complete, start // self.ratio + j, kv_nc.shape[0])  # out of range -> dropped
-            kv_nc = kv_nc.at[idx].set(e.astype(kv_nc.dtype), mode="drop")
-            seg_n = jnp.zeros((kv_nc.shape[0],), jnp.int32).at[idx].set(ent_seg, mode="drop")
+            idx = jnp.where(j < n_complete, start // self.ratio + j, n_buf)  # out of range -> dropped
+            kv_nc = kvstore.scatter(kv_nc, idx, e)
+            seg_n = jnp.zeros((n_buf,), jnp.int32).at[idx].set(ent_seg, mode="drop")
             return new_a, new_z, kv_nc, seg_n
 
         tail_a, tail_z, kv, seg = jax.vmap(one)(a, z, state["tail_a"], state["tail_z"], state["kv"], start_b,
-                                                pos_bt, seg_bt)
+                                                pos_bt, seg_bt, valid_b)
         return {"tail_a": tail_a, "tail_z": tail_z, "kv": kv}, seg
 
-    def empty_state(self, batch: int, n_entries: int, dtype) -> dict:
+    def empty_state(self, batch: int, n_entries: int, dtype, layout: str | None = None) -> dict:
+        """Tails in fp32 (unfinished block(s)); the entry buffer in `layout` (None = plain `dtype`)."""
         rows, cols = self.tail_shape()
+        kind = "index" if self.rotate else "main"
         return {"tail_a": jnp.zeros((batch, rows, cols), jnp.float32),
                 "tail_z": jnp.full((batch, rows, cols), NEG, jnp.float32),
-                "kv": jnp.zeros((batch, n_entries, self.width), dtype)}
+                "kv": kvstore.empty((batch, n_entries, self.width), dtype, layout, kind, self.rd)}

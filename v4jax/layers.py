@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import quant
 from .config import ModelConfig, yarn_correction_range
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -65,12 +66,28 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """A bias-free projection; `weight` is [out, in] like the checkpoint."""
+    """A bias-free projection; `weight` is [out, in] like the checkpoint.
 
-    def __init__(self, cfg: ModelConfig, fan_in: int, fan_out: int, axes, rngs, role: str = "matrix"):
+    With `cfg.qat_fp8_linear` the forward is FP8 training's: activations quantised per 1x128 block
+    along K and the weight per 128x128 block (power-of-two scales), dequantised, multiplied; gradients
+    pass straight through to the master weight and the input. `fp8` (default: every "matrix" Linear
+    except the bf16 ones of spec §10) says whether this projection takes part."""
+
+    # Projections that stay bf16/fp32 in DeepSeek-V4 (spec §10), by the logical axis of their output:
+    # the compressors' wkv/wgate ("comp_out"), the indexer's weights_proj ("idx_heads"). (wo_a and the
+    # head never go through `__call__`: their callers read the weight.)
+    NOT_FP8_AXES = frozenset({"comp_out", "idx_heads"})
+
+    def __init__(self, cfg: ModelConfig, fan_in: int, fan_out: int, axes, rngs, role: str = "matrix",
+                 fp8: bool | None = None):
         self.weight = param(rngs, (fan_out, fan_in), axes, role, std=init_std(cfg, fan_in), dtype=cfg.param_dtype)
+        if fp8 is None:
+            fp8 = role == "matrix" and not self.NOT_FP8_AXES & set(axes)
+        self.qat_fp8 = bool(cfg.qat_fp8_linear and fp8)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.qat_fp8:
+            return dense(quant.fp8_act_fake(x), quant.fp8_weight_fake(self.weight[...]))
         return dense(x, self.weight[...])
 
 

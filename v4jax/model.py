@@ -32,9 +32,10 @@ class Block(nnx.Module):
         self.hc_attn = HyperConnection(cfg, rngs)
         self.hc_ffn = HyperConnection(cfg, rngs)
 
-    def __call__(self, x_btnd, ids_bt, start_b, state, stale_router=None, pos_bt=None, seg_bt=None):
+    def __call__(self, x_btnd, ids_bt, start_b, state, stale_router=None, pos_bt=None, seg_bt=None, valid_b=None,
+                 context_limit=None):
         y, post, comb = self.hc_attn.pre(x_btnd)
-        a, state, attn_aux = self.attn(self.attn_norm(y), start_b, state, pos_bt, seg_bt)
+        a, state, attn_aux = self.attn(self.attn_norm(y), start_b, state, pos_bt, seg_bt, valid_b, context_limit)
         x_btnd = HyperConnection.post(a, x_btnd, post, comb)
         y, post, comb = self.hc_ffn.pre(x_btnd)
         f, aux = self.ffn(self.ffn_norm(y), ids_bt, stale_router)
@@ -73,11 +74,13 @@ class Transformer(nnx.Module):
         self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs) for i in range(cfg.n_mtp)])
 
     # ---------------------------------------------------------------- state
-    def init_state(self, batch: int, context: int) -> dict:
-        """Decode state for `batch` sequences of up to `context` tokens (main layers and MTP blocks)."""
+    def init_state(self, batch: int, context: int, kv_layout: str | None = None) -> dict:
+        """Decode state for `batch` sequences of up to `context` tokens (main layers and MTP blocks).
+
+        `kv_layout`: None keeps KV rows in the compute dtype; "bfloat16" or "fp8" (see kvstore)."""
         dt = jnp.dtype(self.cfg.dtype)
-        return {"layers": [blk.attn.empty_state(batch, context, dt) for blk in self.layers],
-                "mtp": [blk.attn.empty_state(batch, context, dt) for blk in self.mtp]}
+        return {"layers": [blk.attn.empty_state(batch, context, dt, kv_layout) for blk in self.layers],
+                "mtp": [blk.attn.empty_state(batch, context, dt, kv_layout) for blk in self.mtp]}
 
     # ---------------------------------------------------------------- forward
     def logits(self, x_btnd, hc_head: HyperHead, norm: RMSNorm):
@@ -86,12 +89,16 @@ class Transformer(nnx.Module):
                           precision=HIGHEST)
 
     def __call__(self, ids_bt, start_b=None, state=None, *, collect=False, stale_routers=None, positions=None,
-                 segment_ids=None, inputs_embeds=None):
+                 segment_ids=None, inputs_embeds=None, valid_b=None, logits_at=None, context_limit=None):
         """ids [B, T] at positions start_b[b] + t -> dict(logits [B,T,V], streams [B,T,n,d], state, aux).
 
         Packed training passes `positions` and `segment_ids` [B, T] instead (see Attention).
         `inputs_embeds` [B, T, d] replaces the embedding lookup (hash routing still reads ids).
-        `stale_routers[i]` = (gate weight, bias) of layer i from Δt steps earlier, or None (anticipatory routing)."""
+        `stale_routers[i]` = (gate weight, bias) of layer i from Δt steps earlier, or None (anticipatory routing).
+        `valid_b` [B]: only the first valid_b[b] tokens of row b enter the state (unequal decode chunks);
+        `logits_at` [B]: compute logits only at that chunk index per row -> logits [B, 1, V].
+        `context_limit` (static int): all positions are below it; attention reads only the entries
+        such a context can have (decode cost follows the context, not the preallocated buffers)."""
         b, t = ids_bt.shape
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
@@ -101,26 +108,27 @@ class Transformer(nnx.Module):
         for i, blk in enumerate(self.layers):
             fi = None if stale_routers is None else stale_routers[i]
             x, st, aux = blk(x, ids_bt, start_b, None if state is None else state["layers"][i], fi, positions,
-                             segment_ids)
+                             segment_ids, valid_b, context_limit)
             new_states.append(st)
             auxes.append(aux)
             if collect:
                 hidden.append(x)
-        out = {"logits": self.logits(x, self.hc_head, self.norm), "streams": x, "aux": auxes,
+        xl = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, None, None, None], axis=1)
+        out = {"logits": self.logits(xl, self.hc_head, self.norm), "streams": x, "aux": auxes,
                "state": {"layers": new_states, "mtp": None if state is None else state["mtp"]}}
         if collect:
             out["hidden"] = hidden
         return out
 
     def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0, positions=None,
-                   segment_ids=None, stale_router=None):
+                   segment_ids=None, stale_router=None, valid_b=None, context_limit=None):
         """MTP block k on main streams h (positions t) with tokens t+1 -> (logits predicting t+2, state, aux)."""
         blk = self.mtp[k]
         b = h_btnd.shape[0]
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
         x = blk.inputs(h_btnd, self.embed(next_ids_bt))
-        x, st, aux = blk(x, next_ids_bt, start_b, state, stale_router, positions, segment_ids)
+        x, st, aux = blk(x, next_ids_bt, start_b, state, stale_router, positions, segment_ids, valid_b, context_limit)
         return self.logits(x, blk.hc_head, blk.norm), st, aux
 
 

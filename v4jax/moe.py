@@ -2,21 +2,35 @@
 the first layers, top-k renormalisation x routed_scaling_factor, one shared expert, clamped SwiGLU.
 
 Expert weights are stacked per layer: w1/w3 [E, F, d], w2 [E, d, F] (checkpoint layout [out, in]).
-Two dispatches compute the same numbers:
+Three dispatches compute the same numbers ("ep" with its default, exact capacity):
   "dense"  every expert on every token, combined with zero weights for unselected experts
            (T x E x F intermediate; the exact reference, and the fastest for tiny configs);
   "gather" each token's k expert matrices gathered ([T, k, F, d]): reads only the chosen experts'
            weights, the decode path.
-"auto" picks gather when T*k < E, dense otherwise.
+  "ep"     expert parallelism: under a mesh with an `expert` axis > 1 (set with `jax.set_mesh`), every
+           device sends its tokens to the devices owning their experts and gets the results back, inside
+           `jax.shard_map` with capacity-padded `all_to_all`s (see `ep_dispatch`); without such a mesh it
+           falls back to the "auto" choice between dense and gather.
+"auto" picks ep when the mesh allows it and T*k >= E, else gather when T*k < E, dense otherwise.
+`moe_capacity_factor` bounds the ep slots per (source device, expert): 0 (the default) = every local
+token, so nothing is dropped (buffers of E x t_local rows per device: dense-like work, which is what
+the CPU tests check); f > 0 = ceil(f * t_local * k / E) slots (GShard-style; the overflow is dropped),
+the setting for real expert-parallel runs. `ragged_all_to_all` is not used: XLA:CPU lacks it.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from . import quant
 from .config import ModelConfig
 from .layers import HIGHEST, BalanceBias, Buffer, Linear, init_std, param
+from .sharding import RULES
 
 
 def swiglu(gate, up, limit: float):
@@ -85,28 +99,58 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs):
         e, f, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.dim
         self.limit = cfg.swiglu_limit
+        self.capacity_factor = float(getattr(cfg, "moe_capacity_factor", 0.0))  # "ep" only; 0 = exact
+        self.qat_fp4 = bool(cfg.qat_fp4_experts)
         kw = dict(role="expert", dtype=cfg.param_dtype)
         self.w1 = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), std=init_std(cfg, d), **kw)
         self.w2 = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), std=init_std(cfg, f), **kw)
         self.w3 = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), std=init_std(cfg, d), **kw)
 
+    def read(self, name: str, idx=None) -> jax.Array:
+        """Expert weight `name` ("w1", "w2", "w3") as the forward uses it, gathered at `idx` if given.
+
+        With `qat_fp4_experts` (FP4 QAT, spec §10): MXFP4 quantise-dequantise per 1x32 block along the
+        input dim, then FP8 per 128x128 block (lossless when the 32-block scales of a tile fit e4m3, as
+        the paper found); straight-through gradient to the master weight."""
+        w = getattr(self, name)[...]
+        w = w if idx is None else w[idx]
+        return quant.fp8_weight_fake(quant.fp4_weight_fake(w)) if self.qat_fp4 else w
+
     def dense(self, x_td, w_tk, idx_tk):
         e = self.w1.shape[0]
         combine = jnp.zeros((x_td.shape[0], e), jnp.float32).at[jnp.arange(x_td.shape[0])[:, None], idx_tk].add(w_tk)
         dt = x_td.dtype
-        g = jnp.einsum("td,efd->tef", x_td, self.w1[...].astype(dt), precision=HIGHEST)
-        u = jnp.einsum("td,efd->tef", x_td, self.w3[...].astype(dt), precision=HIGHEST)
+        g = jnp.einsum("td,efd->tef", x_td, self.read("w1").astype(dt), precision=HIGHEST)
+        u = jnp.einsum("td,efd->tef", x_td, self.read("w3").astype(dt), precision=HIGHEST)
         h = (swiglu(g, u, self.limit) * combine[..., None]).astype(dt)
-        return jnp.einsum("tef,edf->td", h, self.w2[...].astype(dt), precision=HIGHEST,
+        return jnp.einsum("tef,edf->td", h, self.read("w2").astype(dt), precision=HIGHEST,
                           preferred_element_type=jnp.float32)
 
     def gather(self, x_td, w_tk, idx_tk):
         dt = x_td.dtype
-        g = jnp.einsum("td,tkfd->tkf", x_td, self.w1[...][idx_tk].astype(dt), precision=HIGHEST)
-        u = jnp.einsum("td,tkfd->tkf", x_td, self.w3[...][idx_tk].astype(dt), precision=HIGHEST)
+        g = jnp.einsum("td,tkfd->tkf", x_td, self.read("w1", idx_tk).astype(dt), precision=HIGHEST)
+        u = jnp.einsum("td,tkfd->tkf", x_td, self.read("w3", idx_tk).astype(dt), precision=HIGHEST)
         h = (swiglu(g, u, self.limit) * w_tk[..., None]).astype(dt)
-        return jnp.einsum("tkf,tkdf->td", h, self.w2[...][idx_tk].astype(dt), precision=HIGHEST,
+        return jnp.einsum("tkf,tkdf->td", h, self.read("w2", idx_tk).astype(dt), precision=HIGHEST,
                           preferred_element_type=jnp.float32)
+
+    def ep(self, x_td, w_tk, idx_tk):
+        """Expert-parallel dispatch (`ep_dispatch`); without a mesh that allows it, dense or gather."""
+        e, f = self.w1.shape[:2]
+        layout = ep_layout(x_td.shape[0], e, f)
+        if layout is None:
+            return getattr(self, self.choose("auto", x_td.shape[0], idx_tk.shape[1]))(x_td, w_tk, idx_tk)
+        return ep_dispatch(x_td, w_tk, idx_tk, self.read("w1"), self.read("w2"), self.read("w3"), layout, self.limit,
+                           self.capacity_factor)
+
+    def choose(self, impl: str, n_tokens: int, k: int) -> str:
+        """"auto" -> "ep" when the context mesh allows it and T*k >= E, else "gather" when T*k < E, else "dense"."""
+        if impl != "auto":
+            return impl
+        e, f = self.w1.shape[:2]
+        if n_tokens * k >= e and ep_layout(n_tokens, e, f) is not None:
+            return "ep"
+        return "gather" if n_tokens * k < e else "dense"
 
 
 class MoE(nnx.Module):
@@ -121,10 +165,91 @@ class MoE(nnx.Module):
         b, t, d = x_btd.shape
         x = x_btd.reshape(b * t, d)
         w, idx, s = self.gate(x, ids_bt.reshape(-1), stale_router)
-        impl = self.cfg.moe_impl
-        if impl == "auto":
-            impl = "gather" if x.shape[0] * idx.shape[1] < self.experts.w1.shape[0] else "dense"
+        impl = self.experts.choose(self.cfg.moe_impl, x.shape[0], idx.shape[1])
         y = getattr(self.experts, impl)(x, w, idx)
         y = y + self.shared_experts(x).astype(jnp.float32)
         aux = {"idx": idx.reshape(b, t, -1), "scores": s.reshape(b, t, -1)}
         return y.astype(x_btd.dtype).reshape(b, t, d), aux
+
+
+# ---------------------------------------------------------------------------- expert parallelism
+def ep_layout(n_tokens: int, n_experts: int, ffn: int):
+    """-> (mesh, token axes, expert axis, tensor axis or None) for the "ep" dispatch, or None.
+
+    The mesh is the context one (`jax.set_mesh(mesh)`; abstract inside jit). "ep" needs an expert axis
+    (RULES["experts"]) > 1 dividing the experts, and the tokens divisible by the batch axes times the
+    expert axis (tokens are sharded over the batch axes, then split across the expert axis). The
+    expert FFN width stays sharded over the tensor axis when that divides it (as `spec_for` does)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    ax = RULES["experts"]
+    if mesh.empty or mesh.shape.get(ax, 1) <= 1 or n_experts % mesh.shape[ax]:
+        return None
+    batch = RULES["batch"]
+    batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
+    tok = tuple(a for a in batch if a in mesh.shape and a != ax) + (ax,)
+    if n_tokens % math.prod(mesh.shape[a] for a in tok):
+        return None
+    tp = RULES["moe_mlp"]
+    tp = tp if isinstance(tp, str) and mesh.shape.get(tp, 1) > 1 and ffn % mesh.shape[tp] == 0 else None
+    return mesh, tok, ax, tp
+
+
+def ep_capacity(t_local: int, k: int, n_experts: int, factor: float) -> int:
+    """Slots per (source device, expert). factor <= 0: t_local, so no assignment is ever dropped (a
+    token picks distinct experts); else ceil(factor * t_local * k / E), assignments past it dropped."""
+    if factor <= 0:
+        return t_local
+    return max(1, min(t_local, math.ceil(factor * t_local * k / n_experts)))
+
+
+def _rank_in_expert(e_a: jax.Array, n_experts: int) -> jax.Array:
+    """[A] expert ids -> [A] rank of each assignment among those to the same expert (in order)."""
+    order = jnp.argsort(e_a, stable=True)
+    counts = jnp.bincount(e_a, length=n_experts)
+    start = jnp.cumsum(counts) - counts
+    rank_sorted = jnp.arange(e_a.shape[0], dtype=jnp.int32) - start[e_a[order]].astype(jnp.int32)
+    return jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
+
+
+def ep_local(x_td, r_tk, idx_tk, w1_efd, w2_edf, w3_efd, *, axis: str, tp, cap: int, limit: float):
+    """One device's share of the "ep" dispatch (the body of `shard_map`).
+
+    t local tokens, k experts each (A = t*k assignments), n devices on `axis`, l = E/n local experts,
+    c = `cap` slots per (source device, expert), s = source device:
+      slot_a = e_a * c + rank of a among this device's assignments to e_a (>= c: dropped)
+      x_td -> send [E*c, d] (scatter) --all_to_all--> x_slcd [n, l, c, d] (rows from every source)
+      r_tk -> the same way -> r_slc [n, l, c]    (routing weight, applied before w2 as in "dense")
+      SwiGLU of the l local experts (F maybe sharded over `tp`) -> y_slcd [n, l, c, d] fp32
+      --all_to_all back--> [E*c, d] -> gather slot_a -> y_tkd -> sum over k -> y_td (psum over `tp`)."""
+    t, d = x_td.shape
+    k, l = idx_tk.shape[1], w1_efd.shape[0]
+    n = jax.lax.axis_size(axis)
+    e_a = idx_tk.reshape(-1)
+    slot_a = jnp.where((rank := _rank_in_expert(e_a, n * l)) < cap, e_a * cap + rank, n * l * cap)
+    a2a = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0, concat_axis=0, tiled=True)
+    send_sd = jnp.zeros((n * l * cap, d), x_td.dtype).at[slot_a].add(jnp.repeat(x_td, k, axis=0), mode="drop")
+    send_s = jnp.zeros((n * l * cap,), jnp.float32).at[slot_a].add(r_tk.reshape(-1), mode="drop")
+    x_slcd = a2a(send_sd).reshape(n, l, cap, d)
+    r_slc = a2a(send_s).reshape(n, l, cap)
+    dt = x_td.dtype
+    g = jnp.einsum("slcd,lfd->slcf", x_slcd, w1_efd.astype(dt), precision=HIGHEST)
+    u = jnp.einsum("slcd,lfd->slcf", x_slcd, w3_efd.astype(dt), precision=HIGHEST)
+    h = (swiglu(g, u, limit) * r_slc[..., None]).astype(dt)
+    y_slcd = jnp.einsum("slcf,ldf->slcd", h, w2_edf.astype(dt), precision=HIGHEST,
+                        preferred_element_type=jnp.float32)
+    y_sd = a2a(y_slcd.reshape(n * l * cap, d))
+    y_td = y_sd.at[slot_a].get(mode="fill", fill_value=0.0).reshape(t, k, d).sum(axis=1)
+    return y_td if tp is None else jax.lax.psum(y_td, tp)
+
+
+def ep_dispatch(x_td, r_tk, idx_tk, w1_efd, w2_edf, w3_efd, layout, limit: float, capacity_factor: float = 0.0):
+    """Routed-expert output [T, d] fp32 with experts sharded over the layout's expert axis: tokens
+    [T, d] / weights [T, k] / indices [T, k] enter `shard_map` split over (batch axes..., expert axis),
+    the weights as [E/n, F(/tp), d] blocks (gathered over fsdp on the way in); see `ep_local`."""
+    mesh, tok, ax, tp = layout
+    t_local = x_td.shape[0] // math.prod(mesh.shape[a] for a in tok)
+    cap = ep_capacity(t_local, idx_tk.shape[1], w1_efd.shape[0], capacity_factor)
+    body = functools.partial(ep_local, axis=ax, tp=tp, cap=cap, limit=limit)
+    w13, w2 = P(ax, tp, None), P(ax, None, tp)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(tok), P(tok), P(tok), w13, w2, w13),
+                         out_specs=P(tok))(x_td, r_tk, idx_tk, w1_efd, w2_edf, w3_efd)

@@ -6,6 +6,18 @@ Two kinds of functions live here:
 * the official quantise-dequantise simulations in jnp (`fp8_sim`, `fp4_sim`, `hadamard`), used in the
   forward pass when `ModelConfig.qat_sim` is on (KV non-RoPE dims in FP8, indexer q/k in FP4).
 Both are bit-exact against the official kernels (tests/test_quant.py).
+
+Quantisation-aware training (spec §10) uses the same arithmetic as straight-through fake quantisation:
+the forward value is the bit-exact quantise-dequantise, the gradient is the identity (`fp8_sim` and
+`fp4_sim` included, so the `qat_sim` path trains). The training-side formats:
+* `fp8_act_fake`: activations, FP8 e4m3 per 1x128 block along K (the official act_quant);
+* `fp8_weight_fake`: weights [..., out, in], FP8 e4m3 per 128x128 block (the FP8 checkpoint format);
+* `fp4_weight_fake`: routed-expert weights, MXFP4 e2m1 per 1x32 block along the input dim (the FP4
+  checkpoint format).
+All scales are powers of two, 2^ceil(log2(amax / qmax)) (E8M0 bytes); trailing partial blocks get their
+own scale, as in the checkpoints. Encoding the codes and scales these return with `pack_fp4` / the
+exponent byte and decoding them with `dequant_fp4_weight` / `dequant_fp8_weight` gives the forward value
+bit for bit.
 """
 from __future__ import annotations
 
@@ -80,14 +92,105 @@ def _block_sim(x, block, qmax, floor, qdtype, return_scale):
     return (y, q.reshape(x.shape), s[..., 0]) if return_scale else y
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def _block_ste(x, block, qmax, floor, qdtype):
+    """`_block_sim` forward, straight-through (identity) derivative."""
+    return _block_sim(x, block, qmax, floor, qdtype, False)
+
+
+@_block_ste.defjvp
+def _block_ste_jvp(block, qmax, floor, qdtype, primals, tangents):
+    return _block_sim(primals[0], block, qmax, floor, qdtype, False), tangents[0]
+
+
 def fp8_sim(x: jax.Array, block: int = 64, return_scale: bool = False):
-    """FP8 e4m3 quantise-dequantise along the last dim in blocks, power-of-two scales (official act_quant)."""
-    return _block_sim(x, block, FP8_MAX, FP8_AMAX_FLOOR, jnp.float8_e4m3fn, return_scale)
+    """FP8 e4m3 quantise-dequantise along the last dim in blocks, power-of-two scales (official act_quant).
+
+    Straight-through gradient (identity); with `return_scale` also the codes and scales (no gradient)."""
+    if return_scale:
+        return _block_sim(x, block, FP8_MAX, FP8_AMAX_FLOOR, jnp.float8_e4m3fn, True)
+    return _block_ste(x, block, FP8_MAX, FP8_AMAX_FLOOR, jnp.float8_e4m3fn)
 
 
 def fp4_sim(x: jax.Array, block: int = 32, return_scale: bool = False):
-    """FP4 e2m1 quantise-dequantise along the last dim in blocks of 32, power-of-two scales."""
-    return _block_sim(x, block, FP4_MAX, FP4_AMAX_FLOOR, jnp.float4_e2m1fn, return_scale)
+    """FP4 e2m1 quantise-dequantise along the last dim in blocks of 32, power-of-two scales.
+
+    Straight-through gradient (identity); with `return_scale` also the codes and scales (no gradient)."""
+    if return_scale:
+        return _block_sim(x, block, FP4_MAX, FP4_AMAX_FLOOR, jnp.float4_e2m1fn, True)
+    return _block_ste(x, block, FP4_MAX, FP4_AMAX_FLOOR, jnp.float4_e2m1fn)
+
+
+# ------------------------------------------------------------------ QAT fake quantisation (jnp, STE)
+def _pad_to(x: jax.Array, axis: int, block: int) -> jax.Array:
+    """Zero-pad `axis` up to a multiple of `block` (zeros never raise a block's amax)."""
+    extra = -x.shape[axis] % block
+    if not extra:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad)
+
+
+def _rows_fake(x, block, qmax, floor, qdtype, return_scale):
+    """Blocks of 1 x `block` along the last dim (a partial last block has its own scale)."""
+    k = x.shape[-1]
+    xp = _pad_to(x, -1, block)
+    if return_scale:
+        y, q, s = _block_sim(xp, block, qmax, floor, qdtype, True)
+        return y[..., :k], q[..., :k], s
+    return _block_ste(xp, block, qmax, floor, qdtype)[..., :k]
+
+
+def fp8_act_fake(x: jax.Array, block: int = 128) -> jax.Array:
+    """Activations -> FP8 e4m3 per 1 x 128 block along the last (contraction) dim, quantise-dequantise,
+    straight-through gradient. Equals `fp8_sim(x, 128)` when the last dim is a multiple of 128."""
+    return _rows_fake(x, block, FP8_MAX, FP8_AMAX_FLOOR, jnp.float8_e4m3fn, False)
+
+
+def fp4_weight_fake(w: jax.Array, block: int = 32, return_scale: bool = False):
+    """Weights [..., out, in] -> MXFP4 e2m1 per 1 x 32 block along `in`, quantise-dequantise, straight-
+    through gradient. With `return_scale`: (value, e2m1 codes [..., out, in], scales [..., out, ceil(in/32)])."""
+    return _rows_fake(w, block, FP4_MAX, FP4_AMAX_FLOOR, jnp.float4_e2m1fn, return_scale)
+
+
+def _tile_sim(w, block, return_scale):
+    """FP8 e4m3 quantise-dequantise of [..., N, K] in block x block tiles (N, K multiples of block)."""
+    dtype = w.dtype
+    *lead, n, k = w.shape
+    wb = w.astype(jnp.float32).reshape(*lead, n // block, block, k // block, block)
+    amax = jnp.maximum(jnp.max(jnp.abs(wb), axis=(-3, -1), keepdims=True), FP8_AMAX_FLOOR)
+    s = _pow2_ceil(amax * np.float32(1.0 / FP8_MAX))
+    q = jnp.clip(wb / s, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
+    y = (q.astype(jnp.float32) * s).reshape(w.shape).astype(dtype)
+    return (y, q.reshape(w.shape), s[..., 0, :, 0]) if return_scale else y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _tile_ste(w, block):
+    return _tile_sim(w, block, False)
+
+
+@_tile_ste.defjvp
+def _tile_ste_jvp(block, primals, tangents):
+    return _tile_sim(primals[0], block, False), tangents[0]
+
+
+def fp8_weight_fake(w: jax.Array, block: int = 128, return_scale: bool = False):
+    """Weights [..., out, in] -> FP8 e4m3 per 128 x 128 block, quantise-dequantise, straight-through
+    gradient. With `return_scale`: (value, e4m3 codes, scales [..., ceil(out/128), ceil(in/128)])."""
+    n, k = w.shape[-2:]
+    wp = _pad_to(_pad_to(w, -2, block), -1, block)
+    if return_scale:
+        y, q, s = _tile_sim(wp, block, True)
+        return y[..., :n, :k], q[..., :n, :k], s
+    return _tile_ste(wp, block)[..., :n, :k]
+
+
+def e8m0_bytes(scale) -> np.ndarray:
+    """Power-of-two float32 scales -> their UE8M0 bytes (the inverse of `e8m0_to_float`)."""
+    bits = np.asarray(scale, np.float32).view(np.uint32)
+    return ((bits >> 23) & 0xFF).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=8)

@@ -64,15 +64,17 @@ def score(model: Transformer, tokens, prefill: int | None = None, with_mtp: bool
 
 
 def prefill_decode_logits(model: Transformer, ids, prefill: int) -> np.ndarray:
-    """Logits of positions 0..N-1 from one prefill call, then of N..S-1 from one-token steps."""
-    graphdef, params = nnx.split(model)
-    run = _chunk_step(graphdef)
+    """Logits of positions 0..N-1 from one prefill, then of N..S-1 from one-token decode steps, all
+    through the decode engine (teacher-forced: step t feeds token t)."""
+    from .engine import Engine
+    from .sampling import SamplingConfig
+
+    ids = np.asarray(ids)
     b, s = ids.shape
-    state = model.init_state(b, s)
-    start = jnp.zeros((b,), jnp.int32)
-    logits, state = run(params, ids[:, :prefill], start, state)
-    chunks = [np.asarray(logits, np.float32)]
+    eng = Engine(model, max_context=s, batch=b, min_bucket=s, prefill_chunk=prefill)
+    chunks = [eng.prefill(ids[:, :prefill], all_logits=True)]
+    greedy, key = SamplingConfig(), jax.random.key(0)
     for p in range(prefill, s):
-        logits, state = run(params, ids[:, p:p + 1], start + p, state)
-        chunks.append(np.asarray(logits, np.float32))
+        _, logits = eng.decode(ids[:, p], greedy, key)
+        chunks.append(np.asarray(logits, np.float32)[:, None])
     return np.concatenate(chunks, axis=1)

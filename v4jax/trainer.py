@@ -1,6 +1,9 @@
 """The training loop behind `train.py`: run configuration, sharded state, checkpoints with exact
 resume, the loss-spike detector with rollback and anticipatory routing, progress and metrics.
 
+Run-configuration schedules: recipe phases (`phases`), sequence-length stages (`seq_stages`), gradient
+accumulation (`grad_accum`) and quantisation-aware training (`qat`); see RunConfig.
+
 Checkpoints (orbax CheckpointManager, asynchronous, keep-N, atomic) hold the whole train state
 (parameters, optimiser state, balancing biases, router ring, step) plus a JSON record with the
 model config, the data-iterator state and the spike-detector state, so a run killed at any moment
@@ -9,6 +12,7 @@ resumes from its last checkpoint and logs the same losses as an uninterrupted ru
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -69,6 +73,18 @@ class RunConfig:
     phases: str = ""
     indexer_kl_weight: float = 1.0
     sample_tokens: int = 48
+    # sequence-length stages: "4096:N1,16384:N2,65536" = seq_len 4096 until step N1, 16384 until N2, then
+    # 65536 (counts in optimiser steps, like `phases`); "" = `seq_len` throughout, which is ignored
+    # otherwise. `batch` (sequences) stays fixed, so the tokens per step grow with the sequence length.
+    seq_stages: str = ""
+    # micro-batches per optimiser step: a step takes batch x grad_accum rows per host (one metrics line,
+    # one LR step, one balancing-bias move); the activations are those of `batch` rows.
+    grad_accum: int = 1
+    # quantisation-aware training, any of "fp8_linear,fp4_experts,fp4_indexer" ("" = off): FP8 Linear
+    # layers (1x128 activations, 128x128 weights); MXFP4 routed-expert weights; the official FP8-KV /
+    # FP4-indexer-q/k simulation (ModelConfig.qat_sim). Straight-through gradients; may be switched on
+    # when resuming (a late-stage QAT run).
+    qat: str = ""
 
     @classmethod
     def load(cls, toml_path: str | None, overrides: list[str], **flags) -> "RunConfig":
@@ -127,16 +143,24 @@ class SpikeDetector:
 class Trainer:
     def __init__(self, rc: RunConfig):
         self.rc = rc
-        self.cfg = ModelConfig.from_hub(rc.config)
+        self.cfg = ModelConfig.from_hub(rc.config, **parse_qat(rc.qat))
         self.mesh = make_mesh(rc.mesh) if rc.mesh else make_mesh({"data": 1})
         self.tokenizer = data_lib.load_tokenizer(rc.tokenizer)
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocab_size is "
                              f"{self.cfg.vocab_size}")
         align = math.lcm(*[r for r in self.cfg.compress_ratios if r] or [1])
+        if rc.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {rc.grad_accum}")
+        self.stages = parse_seq_stages(rc.seq_stages, rc.steps) if str(rc.seq_stages) else [(rc.seq_len, rc.steps)]
+        for seq_len, _ in self.stages:
+            if seq_len % align:
+                raise ValueError(f"seq_len {seq_len} must be a multiple of {align} (every compression ratio)")
         sources = rc.data or data_lib.default_corpus_files(rc.data_max_bytes)
-        self.data = data_lib.PackedBatches(sources, self.tokenizer, rc.batch, rc.seq_len, rc.seed,
-                                           jax.process_index(), jax.process_count(), align=align)
+        self.data = StagedBatches(sources, self.tokenizer, rc.batch * rc.grad_accum, [s for s, _ in self.stages],
+                                  rc.seed, jax.process_index(), jax.process_count(), align=align)
+        # gradient accumulation runs inside the step (a scan over micro-batches), so the optimiser is the
+        # plain one (OptimConfig.grad_accum = 1, no MultiSteps): one update per step
         ocfg = optim.OptimConfig(peak_lr=rc.lr, warmup_steps=rc.warmup, total_steps=rc.steps,
                                  end_lr_frac=rc.end_lr_frac, weight_decay=rc.weight_decay,
                                  adam_weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
@@ -196,9 +220,10 @@ class Trainer:
         return step
 
     # ------------------------------------------------------------------ the loop
-    def _batch(self) -> dict:
-        host = next(self.data)
-        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, (self.rc.batch * jax.process_count(),) + v.shape[1:]), v)
+    def _batch(self, seq_len: int) -> dict:
+        host = self.data.take(seq_len)
+        rows = self.rc.batch * self.rc.grad_accum * jax.process_count()
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, (rows,) + v.shape[1:]), v)
                 for k, v in host.items()}
 
     def _snapshot(self, step):
@@ -210,20 +235,24 @@ class Trainer:
         self._write_model_config()
         start = self.restore_latest()
         metrics_path = os.path.join(rc.out, "metrics.jsonl")
-        _truncate_metrics(metrics_path, start)
+        writer = jax.process_index() == 0  # one process writes the shared files (orbax coordinates checkpoints)
+        if writer:
+            _truncate_metrics(metrics_path, start)
         if start:
             log(f"resumed from {rc.out} at step {start}")
         snap = self._snapshot(start)
         t_begin, last = time.time(), {}
-        with open(metrics_path, "a") as mlog:
+        with open(metrics_path if writer else os.devnull, "a") as mlog:
             step = start
             while step < rc.steps:
                 if step == rc.inject_spike_at and not self.detector.events:
                     self._inject_spike()  # testing hook, once
                 ar = self.detector.ar_left > 0
-                phase = self.phase_at(step)
+                phase, seq_len = self.phase_at(step), self.seq_len_at(step)
                 t0 = time.time()
-                self.ts, met = self.step_fn(phase)(self.ts, self._batch(), jnp.asarray(ar))
+                batch = self._batch(seq_len)
+                with jax.set_mesh(self.mesh):  # lets the MoE pick the expert-parallel dispatch (moe.ep_layout)
+                    self.ts, met = self.step_fn(phase)(self.ts, batch, jnp.asarray(ar))
                 loss = float(met["loss"])
                 dt = time.time() - t0
                 if rc.spike_detect and self.detector.is_spike(loss):
@@ -231,8 +260,9 @@ class Trainer:
                     continue
                 self.detector.observe(loss)
                 step += 1
-                tokens = rc.batch * rc.seq_len * jax.process_count()
-                last = dict(_record(step, met, float(self.schedule(step - 1)), tokens / dt, ar), phase=phase)
+                tokens = rc.batch * rc.grad_accum * seq_len * jax.process_count()
+                last = dict(_record(step, met, float(self.schedule(step - 1)), tokens / dt, ar), phase=phase,
+                            seq_len=seq_len)
                 mlog.write(json.dumps(last) + "\n")
                 mlog.flush()
                 if step % rc.log_every == 0 or step == start + 1 or step == rc.steps:
@@ -249,8 +279,11 @@ class Trainer:
     def phase_at(self, step: int) -> str:
         return next(name for name, until in self.phases if step < until)
 
+    def seq_len_at(self, step: int) -> int:
+        return next(seq_len for seq_len, until in self.stages if step < until)
+
     def step_fn(self, phase: str):
-        """The jitted step of a recipe phase (compiled once, on first use)."""
+        """The jitted step of a recipe phase (compiled on first use of each batch shape, kept by jit)."""
         if phase not in self._step_fns:
             kw = {"dense": dict(csa_mode="dense"), "indexer_warmup": dict(csa_mode="dense", indexer_loss=True),
                   "sparse": dict(indexer_loss=bool(self.rc.phases)), "": {}}[phase]
@@ -258,7 +291,8 @@ class Trainer:
             lcfg = dataclasses.replace(self.lcfg, indexer_kl_weight=self.rc.indexer_kl_weight,
                                        lm_loss=phase != "indexer_warmup")
             mask = T.indexer_only_mask(self.ts["params"]) if phase == "indexer_warmup" else None
-            self._step_fns[phase] = T.make_train_step(graphdef, self.tx, lcfg, self.sharding, None, mask)
+            self._step_fns[phase] = T.make_train_step(graphdef, self.tx, lcfg, self.sharding, None, mask,
+                                                      grad_accum=self.rc.grad_accum)
         return self._step_fns[phase]
 
     def _rollback(self, snap, step, loss, mlog, log) -> int:
@@ -282,6 +316,8 @@ class Trainer:
         self.ts = dict(self.ts, params=jax.tree.unflatten(tdef, noisy))
 
     def _write_model_config(self):
+        if jax.process_index() != 0:
+            return
         path = os.path.join(self.rc.out, "config.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -308,6 +344,94 @@ def parse_phases(spec: str, steps: int) -> list[tuple[str, int]]:
         prev = end
     out[-1] = (out[-1][0], max(out[-1][1], steps))
     return out
+
+
+def parse_seq_stages(spec: str, steps: int) -> list[tuple[int, int]]:
+    """"128:40,256" -> [(128, 40), (256, steps)]: seq_len 128 until step 40, then 256 to the end."""
+    out, prev = [], 0
+    parts = [p.strip() for p in str(spec).split(",")]
+    for i, part in enumerate(parts):
+        length, sep, until = part.partition(":")
+        try:
+            length = int(length)
+            end = int(until) if sep else steps
+        except ValueError:
+            raise ValueError(f"seq_stages: '{part}' is not SEQ_LEN:UNTIL_STEP") from None
+        if length < 1:
+            raise ValueError(f"seq_stages: sequence length {length} must be positive")
+        if not sep and i < len(parts) - 1:
+            raise ValueError(f"seq_stages: only the last stage may leave out its end step ('{part}')")
+        if end <= prev:
+            raise ValueError(f"seq_stages: '{part}' must end after step {prev}")
+        out.append((length, end))
+        prev = end
+    out[-1] = (out[-1][0], max(out[-1][1], steps))
+    return out
+
+
+QAT_OPTIONS = {"fp8_linear": "qat_fp8_linear", "fp4_experts": "qat_fp4_experts", "fp4_indexer": "qat_sim"}
+
+
+def parse_qat(spec: str) -> dict:
+    """"fp8_linear,fp4_experts,fp4_indexer" -> the ModelConfig run-time fields they turn on."""
+    out = {}
+    for name in filter(None, (p.strip() for p in str(spec).split(","))):
+        if name not in QAT_OPTIONS:
+            raise ValueError(f"qat: unknown option '{name}' ({', '.join(QAT_OPTIONS)})")
+        out[QAT_OPTIONS[name]] = True
+    return out
+
+
+class StagedBatches:
+    """The batches of a run whose sequence length may change between steps (`seq_stages`).
+
+    One `PackedBatches` stream packs the documents into rows of `base` tokens (the gcd of the stage
+    lengths), `rows` x process_count rows per pull (the global batch; every host reads the whole
+    stream, as PackedBatches itself does, and keeps rows process_index::process_count). A batch of
+    sequence length S = r * base joins r pulls: r consecutive rows of the stream become one row, and a
+    document cut where two rows meet continues in the same segment with its positions running on.
+    Packing is concatenate-then-split, so that is exactly the batch a stream packed at S would give
+    (tests/test_train_options.py); the only state is the one stream's, so `get_state` / `set_state`
+    resume anywhere, a stage boundary included, and stages can be added when resuming as long as the
+    gcd of their lengths stays the same. (A continuation is recognised by not starting with BOS; a
+    document piece that starts with a literal BOS token in its text is kept as its own segment.)"""
+
+    def __init__(self, sources, tokenizer, rows: int, seq_lens, seed: int, process_index: int = 0,
+                 process_count: int = 1, *, align: int = 1):
+        self.base = functools.reduce(math.gcd, seq_lens)
+        self.bos_id = tokenizer.bos_id
+        self.process_index, self.process_count = process_index, process_count
+        self.stream = data_lib.PackedBatches(sources, tokenizer, rows * process_count, self.base, seed, align=align)
+
+    def take(self, seq_len: int) -> dict:
+        """This host's next batch, int32 [rows, seq_len] each."""
+        if seq_len % self.base:
+            raise ValueError(f"sequence length {seq_len} is not a multiple of {self.base}")
+        r = seq_len // self.base
+        pulls = [next(self.stream) for _ in range(r)]
+        batch = join_rows({k: np.concatenate([p[k] for p in pulls]) for k in pulls[0]}, r, self.bos_id)
+        return {k: np.ascontiguousarray(v[self.process_index::self.process_count]) for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return self.stream.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.stream.set_state(state)
+
+
+def join_rows(batch: dict, r: int, bos_id: int) -> dict:
+    """Packed rows [N * r, L] in stream order -> [N, r * L]: every r consecutive rows joined, a piece of
+    a document that does not start with BOS merged into the previous row's last segment."""
+    tok, seg, pos = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
+    n, length = tok.shape[0] // r, tok.shape[1]
+    tok, seg, pos = (x.reshape(n, r, length).copy() for x in (tok, seg, pos))
+    for j in range(1, r):
+        cont = tok[:, j, 0] != bos_id  # [N]: the row starts inside a document
+        seg[:, j] += (seg[:, j - 1, -1] - cont.astype(seg.dtype))[:, None]
+        first = cont[:, None] & (seg[:, j] == seg[:, j - 1, -1][:, None])
+        pos[:, j] += np.where(first, pos[:, j - 1, -1][:, None] + 1, 0).astype(pos.dtype)
+    return {"tokens": tok.reshape(n, r * length), "segment_ids": seg.reshape(n, r * length),
+            "positions": pos.reshape(n, r * length)}
 
 
 def _record(step, met, lr, tps, ar) -> dict:
@@ -373,17 +497,13 @@ def load_trained(out_dir: str, step: int | None = None, **runtime) -> M.Transfor
 
 
 def sample_text(model: M.Transformer, tokenizer, prompt: str, n: int) -> str:
-    """Greedy continuation of `prompt` (prefill, then one-token decode steps on the decode state)."""
-    from .scoring import _chunk_step
+    """Greedy continuation of `prompt` through the decode engine (ids beyond the tokenizer never sampled)."""
+    from .engine import Engine
+    from .sampling import SamplingConfig
+    from .serving import generate
+
     ids = [tokenizer.bos_id] + list(tokenizer.encode(prompt))
-    run = _chunk_step(nnx.graphdef(model))
-    params = nnx.state(model)
-    state = model.init_state(1, len(ids) + n)
-    logits, state = run(params, jnp.asarray([ids], jnp.int32), jnp.zeros((1,), jnp.int32), state)
-    for _ in range(n):
-        nxt = int(jnp.argmax(logits[0, -1]))
-        if nxt == tokenizer.eos_id:
-            break
-        ids.append(nxt)
-        logits, state = run(params, jnp.asarray([[nxt]], jnp.int32), jnp.asarray([len(ids) - 1], jnp.int32), state)
-    return tokenizer.decode(ids[1:])
+    ctx = len(ids) + n + 2
+    eng = Engine(model, max_context=ctx, min_bucket=ctx, prefill_chunk=len(ids))
+    out = generate(eng, [ids], SamplingConfig(max_new_tokens=n), tokenizer)["outputs"][0]
+    return prompt + out.text

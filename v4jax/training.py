@@ -10,6 +10,13 @@ Anticipatory routing: the state keeps a ring of the last `ar_delta` router param
 bias) of every score-routed layer; with `ar_active` the step takes expert *indices* from the entry
 written ar_delta steps ago and the gate *weights* from the current router.
 
+Gradient accumulation (`grad_accum` = A > 1): one step is one optimiser update. The batch's rows split
+into A micro-batches (row r goes to micro-batch r mod A, so each device keeps its own rows) and a
+`lax.scan` sums their gradients, each micro-batch's loss being its share of the whole batch's loss (the
+cross-entropies divided by the whole batch's target count, the per-row means by A): the update, the
+metrics and the balancing-bias move (once, from the expert counts of all A micro-batches) are those of
+one step on the whole batch, with the activation memory of one micro-batch.
+
 Train state (a pytree, donated): {"params": nnx.State of Params, "rest": balancing biases and hash
 tables, "opt": optax state, "step": int32, "router_ring": [(W [Δ, E, d], b [Δ, E]) per layer] }.
 """
@@ -44,9 +51,25 @@ def routed_layers(model: Transformer):
     return [b.ffn.gate for b in blocks if not b.ffn.gate.is_hash]
 
 
-def _masked_ce(logits, targets, mask):
+def _masked_ce(logits, targets, mask, denom=None):
+    """Mean CE over `mask`; over `denom` targets instead when given (a micro-batch's share of a batch)."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum(ce * mask) / (jnp.maximum(jnp.sum(mask), 1.0) if denom is None else denom)
+
+
+def target_masks(batch: dict, eos_id: int):
+    """(next-token mask [B, T-1], MTP t+2 mask [B, T-2]): predict inside a document, never after an EOS
+    (alignment padding follows it)."""
+    tok, seg = batch["tokens"], batch["segment_ids"]
+    nxt = (seg[:, 1:] == seg[:, :-1]) & (tok[:, :-1] != eos_id)
+    return nxt, nxt[:, :-1] & nxt[:, 1:]
+
+
+def micro_norm(batch: dict, eos_id: int, n_micro: int) -> dict:
+    """The whole batch's normalisers for `compute_loss` on one of its `n_micro` micro-batches."""
+    nxt, two = target_masks(batch, eos_id)
+    return {"ce": jnp.maximum(jnp.sum(nxt.astype(jnp.float32)), 1.0),
+            "mtp": jnp.maximum(jnp.sum(two.astype(jnp.float32)), 1.0), "n_micro": n_micro}
 
 
 def balance_terms(aux: dict, n_experts: int, k: int):
@@ -59,9 +82,13 @@ def balance_terms(aux: dict, n_experts: int, k: int):
     return jnp.sum(f * p, axis=-1), jnp.sum(counts_be, axis=0)
 
 
-def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, stale_routers=None):
-    """-> (total loss, aux: ce, mtp, balance, expert counts [E] per routed layer in `routed_layers` order)."""
+def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, stale_routers=None, norm=None):
+    """-> (total loss, aux: ce, mtp, balance, expert counts [E] per routed layer in `routed_layers` order).
+
+    `norm` (`micro_norm`): `batch` is one micro-batch of a larger batch; the losses are its share of the
+    larger batch's (summed over the micro-batches they give the larger batch's losses)."""
     tok, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    norm = norm or {"ce": None, "mtp": None, "n_micro": 1}
     cfg = model.cfg
     gates = [blk.ffn.gate for blk in list(model.layers) + list(model.mtp)]
     stale = [None] * len(gates)
@@ -70,15 +97,14 @@ def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, 
         stale = [None if g.is_hash else next(it) for g in gates]
     out = model(tok, positions=pos, segment_ids=seg, stale_routers=stale[:cfg.num_hidden_layers])
     auxes = list(out["aux"])
-    # predict t+1 from t inside a document, never after an EOS (alignment padding follows it)
-    nxt = (seg[:, 1:] == seg[:, :-1]) & (tok[:, :-1] != lcfg.eos_id)
-    ce = _masked_ce(out["logits"][:, :-1], tok[:, 1:], nxt.astype(jnp.float32))
+    nxt, two = target_masks(batch, lcfg.eos_id)
+    ce = _masked_ce(out["logits"][:, :-1], tok[:, 1:], nxt.astype(jnp.float32), norm["ce"])
     mtp = jnp.float32(0.0)
     if cfg.n_mtp:
         mtp_logits, _, aux = model.mtp_logits(out["streams"][:, :-1], tok[:, 1:], positions=pos[:, :-1],
                                               segment_ids=seg[:, :-1], stale_router=stale[cfg.num_hidden_layers])
         auxes.append(aux)
-        mtp = _masked_ce(mtp_logits[:, :-1], tok[:, 2:], (nxt[:, :-1] & nxt[:, 1:]).astype(jnp.float32))
+        mtp = _masked_ce(mtp_logits[:, :-1], tok[:, 2:], two.astype(jnp.float32), norm["mtp"])
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     bal, counts = jnp.float32(0.0), []
     for a, g in zip(auxes, gates):
@@ -87,6 +113,8 @@ def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, 
             bal = bal + jnp.mean(row_loss)
             counts.append(c)
     kl = sum(a["indexer_kl"] for a in auxes)  # 0 unless the model computes the indexer loss
+    if norm["n_micro"] > 1:  # per-row means: a micro-batch holds 1/n_micro of the rows
+        bal, kl = bal / norm["n_micro"], kl / norm["n_micro"]
     loss = lcfg.indexer_kl_weight * kl
     if lcfg.lm_loss:
         loss = loss + ce + mtp_weight * mtp + lcfg.balance_alpha * bal
@@ -118,10 +146,28 @@ def indexer_only_mask(params):
                                 for p, v in nnx.to_flat_state(params)])
 
 
-def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_sharding=None, train_mask=None):
+def split_micro(batch: dict, n_micro: int) -> dict:
+    """[R, ...] -> [n_micro, R / n_micro, ...], row r in micro-batch r mod n_micro (a batch sharded by
+    rows keeps every micro-batch's rows on the devices that hold them)."""
+    def one(x):
+        if x.shape[0] % n_micro:
+            raise ValueError(f"{x.shape[0]} rows do not split into {n_micro} micro-batches")
+        return jnp.swapaxes(x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]), 0, 1)
+    return jax.tree.map(one, batch)
+
+
+def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_sharding=None, train_mask=None,
+                    grad_accum: int = 1, compiler_options: dict | None = None):
     """jit((train state, batch, ar_active) -> (train state, metrics)) with the state donated.
 
-    `train_mask` (a params-shaped pytree of 0/1) freezes the parameters where it is 0."""
+    `train_mask` (a params-shaped pytree of 0/1) freezes the parameters where it is 0. `grad_accum` > 1:
+    the batch is that many micro-batches whose gradients a scan sums (see the module docstring); `tx`
+    must then be a plain optimiser (no MultiSteps), one update per call. jit compiles once per batch
+    shape (sequence-length stages) and keeps every compiled version. `compiler_options`: XLA options for
+    the compiled program (jax.jit's; e.g. {"xla_backend_optimization_level": 0} compiles a CPU step
+    about twice as fast, for short runs such as tests)."""
+    if grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
 
     def step(ts, batch, ar_active):
         stale, slot = None, None
@@ -132,10 +178,28 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
                      for (w, b), (cw, cb) in zip(ts["router_ring"], cur)]
         mtp_w = jnp.where(ts["step"] >= lcfg.mtp_late_step, lcfg.mtp_weight_late, lcfg.mtp_weight)
 
-        def loss_fn(params):
-            return compute_loss(nnx.merge(graphdef, params, ts["rest"]), batch, lcfg, mtp_w, stale)
+        def grads_of(mb, norm=None):
+            def loss_fn(params):
+                return compute_loss(nnx.merge(graphdef, params, ts["rest"]), mb, lcfg, mtp_w, stale, norm)
+            return jax.value_and_grad(loss_fn, has_aux=True)(ts["params"])
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts["params"])
+        if grad_accum == 1:
+            (loss, aux), grads = grads_of(batch)
+        else:
+            norm = micro_norm(batch, lcfg.eos_id, grad_accum)
+            micro = split_micro(batch, grad_accum)
+            # fp32 sums, shaped like compute_loss's outputs (built by hand: tracing the model costs seconds)
+            zero = jnp.zeros((), jnp.float32)
+            model = nnx.merge(graphdef, ts["params"], ts["rest"])
+            counts = [jnp.zeros((model.cfg.n_routed_experts,), jnp.float32) for _ in routed_layers(model)]
+            acc = ((zero, {"ce": zero, "mtp": zero, "balance": zero, "indexer_kl": zero, "counts": counts}),
+                   jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), ts["params"]))
+
+            def body(acc, mb):
+                return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, grads_of(mb, norm)), None
+
+            ((loss, aux), grads), _ = jax.lax.scan(body, acc, micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, ts["params"])
         updates, opt = tx.update(grads, ts["opt"], ts["params"])
         if train_mask is not None:
             updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, train_mask)
@@ -159,4 +223,4 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
     kw = {}
     if state_sharding is not None:
         kw = dict(in_shardings=(state_sharding, batch_sharding, None), out_shardings=(state_sharding, None))
-    return jax.jit(step, donate_argnums=(0,), **kw)
+    return jax.jit(step, donate_argnums=(0,), compiler_options=compiler_options, **kw)
