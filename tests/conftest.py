@@ -1,7 +1,10 @@
 """Shared test setup: 8 fake CPU devices (sharding tests), fixture paths, models loaded once."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")
+# Tests are dominated by XLA:CPU compile time; LLVM's backend optimisation level 0 halves it without
+# changing what is computed (the HLO passes still run). Subprocesses (CLI tests) inherit it.
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

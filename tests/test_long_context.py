@@ -1,6 +1,6 @@
 """Million-token state and long real contexts on the CPU.
 
-The engine is allocated for max_context = 1,048,576; a context of V4JAX_LONG_CONTEXT tokens (CI: 16K;
+The engine is allocated for max_context = 1,048,576; a context of V4JAX_LONG_CONTEXT tokens (CI: 8K;
 `V4JAX_LONG_CONTEXT=131072 pytest tests/test_long_context.py` for the 128K run) is prefilled in
 8K chunks, then one-token decode steps at that context must equal a chunked prefill of the same
 tokens from a fork of the same state. A lighter indexer (1 head) keeps the CPU prefill short: the
@@ -18,7 +18,7 @@ from v4jax.engine import Engine
 from v4jax.sampling import SamplingConfig
 from v4jax.serving import kv_report
 
-CONTEXT = int(os.environ.get("V4JAX_LONG_CONTEXT", 16384))
+CONTEXT = int(os.environ.get("V4JAX_LONG_CONTEXT", 8192))
 MAX_CONTEXT = 1 << 20
 
 

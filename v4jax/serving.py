@@ -8,6 +8,7 @@ the last one sampled (it has not been fed yet), exactly like a server between re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -337,11 +338,16 @@ def load_prefix_state(path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ KV report
-def kv_report(cfg, context: int, kv_layout: str | None = "bfloat16") -> dict:
-    """Bytes of one sequence's decode state, from the shapes of the real state (jax.eval_shape)."""
+@functools.lru_cache(maxsize=8)
+def _abstract_model(cfg):
     from .model import abstract
 
-    model = abstract(cfg)
+    return abstract(cfg)
+
+
+def kv_report(cfg, context: int, kv_layout: str | None = "bfloat16") -> dict:
+    """Bytes of one sequence's decode state, from the shapes of the real state (jax.eval_shape)."""
+    model = _abstract_model(cfg)
     state = jax.eval_shape(lambda: model.init_state(1, context, kv_layout))
     n_main = cfg.num_hidden_layers
     kinds: dict[str, dict] = {}
