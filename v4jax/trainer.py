@@ -227,7 +227,7 @@ class Trainer:
                 for k, v in host.items()}
 
     def _snapshot(self, step):
-        return (step, jax.tree.map(jnp.copy, self.ts), self.data.get_state())
+        return step, jax.tree.map(jnp.copy, self.ts)  # model state only: the data stream never rewinds
 
     def run(self, log=print) -> dict:
         rc = self.rc
@@ -298,9 +298,10 @@ class Trainer:
     def _rollback(self, snap, step, loss, mlog, log) -> int:
         self.detector.events += 1
         self.detector.ar_left = self.rc.ar_steps if self.rc.ar_delta > 0 else 0
-        back, ts, data_state = snap
+        back, ts = snap
+        # the model state goes back; the data stream does not: the batches that led to the spike are
+        # skipped (replaying them from the same state reproduces the same spike, deterministically)
         self.ts = jax.tree.map(jnp.copy, ts)
-        self.data.set_state(data_state)
         event = {"step": step + 1, "event": "loss_spike", "loss": loss if math.isfinite(loss) else str(loss),
                  "rolled_back_to": back, "anticipatory_routing_steps": self.detector.ar_left}
         mlog.write(json.dumps(event) + "\n")
