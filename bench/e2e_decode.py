@@ -97,14 +97,16 @@ def _jit_step_s(eng, sampling) -> float:
     Uses the engine's own jitted step (engine._decode_fn) at the bucket the next decode would use."""
     from v4jax.engine import _decode_fn
 
-    fn = _decode_fn(eng.graphdef, eng.ratios, eng.bucket(int(eng.pos[0]) + 1))
-    tok, pos = jax.numpy.asarray([3], jax.numpy.int32), jax.numpy.asarray(eng.pos, jax.numpy.int32)
-    act, key = jax.numpy.ones((1,), bool), jax.random.key(0)
+    fn = eng.step_fn(_decode_fn, eng.bucket(int(eng.pos[0]) + 1))
+    ctl = jax.numpy.asarray([[3], eng.pos, [1]], jax.numpy.int32)  # token, position, active
+    key, knobs = jax.random.key(0), eng.knobs(sampling)
 
-    def step(state):
-        return fn(eng.params, tok, pos, act, state, key, *sampling.knobs())[3]
+    def step(carry):
+        state, pend = carry
+        _, _, pend, state = fn(eng.param_leaves, ctl, state, pend, key, *knobs)
+        return state, pend
 
-    summ, eng.state = time_stateful(step, eng.state, runs=10, warmup=2)
+    summ, (eng.state, eng.pend_h) = time_stateful(step, (eng.state, eng.pend_h), runs=10, warmup=2)
     return summ["median_s"]
 
 

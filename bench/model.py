@@ -11,6 +11,13 @@ Re-implemented from spec/performance.md §1 and the formulas of tools/perf_model
         except that the dense baseline is V4's shared K=V MQA (one vector per key), the form the
         benchmark runs, so its KV read is L*c bytes, not 2*L*c.
   * `roofline_s`           = max(FLOPs / peak, bytes / bandwidth).
+  * `layer_prefill_flops`  = perf_model.layer_prefill_flops (spec §1 prefill ratios): forward FLOPs of
+        one layer's attention core over a causal sequence of S tokens; with n_h 8, d_h 128, indexer
+        4 heads x 64 (the shape that reproduces §1: CSA 0.280 / 0.170 / 0.105 at 4K / 8K / 16K).
+  * `blocked_prefill_flops` (no perf_model twin): the same FLOPs as `attend_sequence` computes them,
+        query blocks of Q rows: every query scores Q + W window-band keys, the indexer and HCA score
+        all N = S/m entries (masked, not skipped), CSA attends exactly k gathered entries; the dense
+        baseline (bench/prefill_attention.py) skips fully-masked key blocks: S (S + Q) / 2 pairs.
 """
 from __future__ import annotations
 
@@ -69,3 +76,43 @@ def roofline_s(cost: dict, peak=CPU_PEAK_FLOPS, bw=CPU_BW) -> float:
 def predicted_speedup(kind: str, L: int, **kw) -> float:
     """Roofline time of dense MQA / roofline time of `kind`, same heads."""
     return roofline_s(layer_decode_cost("dense", L, **kw)) / roofline_s(layer_decode_cost(kind, L, **kw))
+
+
+def layer_prefill_flops(kind: str, S: int, n_heads: int, head_dim: int, *, m=4, m_hca=128, topk=512, window=128,
+                        idx_heads=4, idx_dim=64) -> float:
+    """Forward FLOPs of ONE layer's attention core over a causal sequence of S tokens (perf_model.layer_prefill_flops)."""
+    per_pair = 4 * n_heads * head_dim  # QK + PV per (query, key) pair, multiply-add = 2
+    if kind == "dense":
+        return per_pair * S * S / 2
+    if kind == "csa":
+        idx = 2 * idx_heads * idx_dim * S * S / (2 * m)
+        comp = S * S / (2 * m) if S <= topk * m else topk * S - topk * topk * m / 2  # sum_t min(k, t/m)
+        win = S * window - window * window / 2 if S > window else S * S / 2
+        return idx + per_pair * (comp + win)
+    if kind == "hca":
+        return per_pair * (S * S / (2 * m_hca) + S * min(window, S))
+    if kind == "swa":
+        return per_pair * S * min(window, S)
+    raise ValueError(kind)
+
+
+def blocked_prefill_flops(kind: str, S: int, n_heads: int, head_dim: int, *, block=128, m=4, m_hca=128, topk=512,
+                          window=128, idx_heads=4, idx_dim=64, groups=1) -> float:
+    """The FLOPs attend_sequence (query blocks of `block`, in `groups` causal groups: group g scores the
+    first N (g+1)/groups entries) and the blocked dense baseline really compute."""
+    per_pair = 4 * n_heads * head_dim
+    if kind == "dense":
+        return per_pair * S * (S + block) / 2
+    band = S * (block + window)  # (query, window-band key) pairs, half of them masked
+    if kind == "swa":
+        return per_pair * band
+    nblk = S // block
+    ends = [nblk * (g + 1) // groups for g in range(groups)]
+    spans = [(b1 - b0, S // (m_hca if kind == "hca" else m) if groups == 1 else b1 * block // (m_hca if kind == "hca" else m))
+             for b0, b1 in zip([0] + ends[:-1], ends) if b1 > b0]  # (blocks, entries scored)
+    if kind == "hca":
+        return per_pair * (band + sum(nb * block * n for nb, n in spans))
+    if kind == "csa":
+        idx = sum(nb * block * n for nb, n in spans) * (2 * idx_heads * idx_dim + 2 * idx_heads)  # q.k, head sum
+        return idx + per_pair * (band + sum(nb * block * min(topk, n) for nb, n in spans))
+    raise ValueError(kind)

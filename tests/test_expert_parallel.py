@@ -93,14 +93,14 @@ def test_ep_without_expert_axis_is_dense(dense_ref):
 def test_auto_chooses_ep_only_where_it_applies():
     ex = _experts()
     e, k = CFG.n_routed_experts, CFG.num_experts_per_tok
-    assert ex.choose("auto", 64, k) == "dense"  # no mesh
+    assert ex.choose("auto", 64, k) == "grouped"  # no mesh
     with jax.set_mesh(make_mesh("data=2,expert=4")):
         assert ex.choose("auto", 64, k) == "ep"
         assert ex.choose("auto", 2, k) == "gather"  # T*k < E: decode
-        assert ex.choose("auto", 12, k) == "dense"  # 12 tokens do not split over 8 devices
+        assert ex.choose("auto", 12, k) == "grouped"  # 12 tokens do not split over 8 devices
         assert ex.choose("dense", 64, k) == "dense"
     with jax.set_mesh(make_mesh("data=8")):
-        assert ex.choose("auto", 64, k) == "dense"
+        assert ex.choose("auto", 64, k) == "grouped"
     with jax.set_mesh(make_mesh("expert=8")):
         assert moe.ep_layout(64, e, CFG.moe_intermediate_size)[1:] == (("data", "fsdp", "expert"), "expert", None)
         assert moe.ep_layout(64, 12, CFG.moe_intermediate_size) is None  # 12 experts do not split 8 ways

@@ -56,3 +56,22 @@ def test_no_quadratic_buffer(compiled):
     # and the largest single buffer doubles, not quadruples, when S doubles
     largest = {s: max(int(jnp.prod(jnp.array(d))) for d in shapes) for s, (_, shapes) in out.items()}
     assert largest[16384] <= 2 * largest[8192], largest
+
+
+def test_training_memory_grows_linearly():
+    """The backward too: attention blocks are rematerialised, so no block's probabilities are kept for
+    the backward (keeping them costs T x N/m per head in HCA layers: 2.17x per doubling at 8K -> 16K)."""
+    cfg = ModelConfig.tiny()
+    g, params, rest = nnx.split(M.abstract(cfg), nnx.Param, ...)
+
+    def loss(params, rest, ids):
+        return jnp.mean(nnx.merge(g, params, rest)(ids)["logits"].astype(jnp.float32) ** 2)
+
+    temp = {}
+    for s in (8192, 16384):
+        c = jax.jit(jax.grad(loss)).lower(params, rest, jax.ShapeDtypeStruct((1, s), jnp.int32)).compile()
+        temp[s] = c.memory_analysis().temp_size_in_bytes
+    ratio = temp[16384] / temp[8192]
+    print(f"fwd+bwd temp memory: S=8192 {temp[8192] / 2**20:.0f} MiB, S=16384 {temp[16384] / 2**20:.0f} MiB, "
+          f"ratio {ratio:.3f}")
+    assert ratio < 2.08, ratio

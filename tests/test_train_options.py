@@ -340,7 +340,10 @@ def test_grad_accum_equals_one_big_batch(staged_run):
         assert d <= 1e-2 * u + 1e-12, (path, d, u)
         diff2, upd2, norm2 = diff2 + d ** 2, upd2 + u ** 2, norm2 + np.linalg.norm(va) ** 2
     assert diff2 ** 0.5 <= 1e-5 * norm2 ** 0.5  # parameters after the step
-    assert diff2 ** 0.5 <= 1e-4 * upd2 ** 0.5  # the whole update (Muon amplifies float summation noise)
+    # the whole update: Muon's Newton-Schulz amplifies float summation noise, and the grouped MoE dispatch
+    # sums expert gradients tile by tile in an order that depends on the micro-batch (2e-4 measured; a
+    # wrong micro-batch normalisation is O(1))
+    assert diff2 ** 0.5 <= 5e-4 * upd2 ** 0.5
     # the balancing biases moved once (by +-gamma), from the expert counts of both micro-batches
     for (path, va), (_, vb), (_, v0) in zip(*(nnx.to_flat_state(t["rest"]) for t in (a, b, ts0))):
         np.testing.assert_array_equal(np.asarray(vb[...]), np.asarray(va[...]), err_msg=str(path))

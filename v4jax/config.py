@@ -7,8 +7,14 @@ honours every key that changes the network and rejects contradictory or unsuppor
 
 Run-time choices that are not part of the checkpoint (compute dtype, QAT simulation, attention block
 size, MoE dispatch, quantisation-aware training) live in the same dataclass under `dtype`, `qat_sim`,
-`attn_block`, `moe_impl`, `qat_fp8_linear`, `qat_fp4_experts`, and are changed with `dataclasses.replace`
+`attn_block`, `moe_impl`, `moe_kernel`, `qat_fp8_linear`, `qat_fp4_experts`, and are changed with `dataclasses.replace`
 or `cfg.with_runtime(...)`.
+
+`attention_kernel` (run-time too) picks who computes CSA's sparse branch (window + gathered top-k
+entries, one softmax with the sink): "jnp" (default, plain XLA), "pallas_tpu" (Mosaic kernel: the
+scalar-prefetched top-k ids drive one DMA per selected entry) or "pallas_gpu" (Triton kernel: gathered
+loads). Off their accelerator (CPU) the kernels run in Pallas interpret mode: exact, slow. SWA, HCA and
+dense-phase CSA always use jnp.
 """
 from __future__ import annotations
 
@@ -82,10 +88,12 @@ class ModelConfig:
     qat_fp8_linear: bool = False  # FP8 training of Linear layers: 1x128 activation / 128x128 weight fake quant (STE)
     qat_fp4_experts: bool = False  # FP4 QAT of routed experts: MXFP4 (1x32) weight fake quant, then FP8 (STE)
     attn_block: int = 128  # queries per block in the full-sequence attention scan
-    moe_impl: str = "auto"  # "dense" | "gather" | "ep" (expert parallel, needs jax.set_mesh) | "auto"
+    moe_impl: str = "auto"  # "dense" | "gather" | "grouped" | "ep" (expert parallel, needs jax.set_mesh) | "auto"
+    moe_kernel: str = "jnp"  # grouped matmul of "grouped": "jnp" (XLA:CPU) | "ragged_dot" (GPU) | "megablox" (TPU)
     moe_capacity_factor: float = 0.0  # "ep" slots per (device, expert): 0 = every local token (exact, no drops)
     csa_mode: str = "sparse"  # "dense": CSA attends to every causal entry (first phase of the training recipe)
     indexer_loss: bool = False  # compute the indexer's KL toward the main attention (detached inputs)
+    attention_kernel: str = "jnp"  # CSA sparse branch: "jnp" | "pallas_tpu" | "pallas_gpu" (module doc)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -189,10 +197,14 @@ class ModelConfig:
         need(self.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
         need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported compute dtype {self.dtype}")
         need(self.param_dtype in ("float32", "bfloat16"), "param_dtype", f"unsupported {self.param_dtype}")
-        need(self.moe_impl in ("auto", "dense", "gather", "ep"), "moe_impl", f"unknown '{self.moe_impl}'")
+        need(self.moe_impl in ("auto", "dense", "gather", "grouped", "ep"), "moe_impl", f"unknown '{self.moe_impl}'")
+        need(self.moe_kernel in ("jnp", "ragged_dot", "megablox"), "moe_kernel",
+             f"unknown '{self.moe_kernel}' (one of jnp, ragged_dot, megablox)")
         need(self.moe_capacity_factor >= 0, "moe_capacity_factor", f"must be >= 0, got {self.moe_capacity_factor}")
         need(self.attn_block > 0, "attn_block", "must be positive")
         need(self.csa_mode in ("sparse", "dense"), "csa_mode", f"unknown '{self.csa_mode}'")
+        need(self.attention_kernel in ("jnp", "pallas_tpu", "pallas_gpu"), "attention_kernel",
+             f"unknown '{self.attention_kernel}' (one of jnp, pallas_tpu, pallas_gpu)")
         need(self.expert_dtype in (None, "fp4", "fp8", "bf16"), "expert_dtype", f"unknown '{self.expert_dtype}'")
         for key in ("qat_sim", "qat_fp8_linear", "qat_fp4_experts"):
             need(isinstance(getattr(self, key), bool), key, f"must be true or false, got {getattr(self, key)!r}")

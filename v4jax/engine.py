@@ -67,6 +67,12 @@ def with_small(state, small, ratios):
 
 
 # ------------------------------------------------------------------------------ jitted steps
+# Every step takes the parameters as a flat list of arrays (`ptree` rebuilds the nnx.State inside the
+# trace): flattening an nnx.State on every call costs more host time than a tiny model's whole step.
+def _model(graphdef, ptree, leaves):
+    return nnx.merge(graphdef, jax.tree.unflatten(ptree, leaves))
+
+
 def _mtp_advance(model, h_btnd, ids_bt, start_b, state, valid_b, bucket):
     """Feed pairs (h_t, x_{t+1}) to the MTP block's state without computing its logits."""
     blk = model.mtp[0]
@@ -76,14 +82,14 @@ def _mtp_advance(model, h_btnd, ids_bt, start_b, state, valid_b, bucket):
 
 
 @functools.lru_cache(maxsize=64)
-def _prefill_fn(graphdef, ratios, bucket: int, with_mtp: bool, all_logits: bool = False):
+def _prefill_fn(graphdef, ptree, ratios, bucket: int, with_mtp: bool, all_logits: bool = False):
     """(params, ids [B,T], start [B], valid [B], state, pend_h [B,n,d]) ->
     (logits at each row's last valid token [B,V] (all_logits: [B,T,V]), streams there [B,n,d], state).
 
     With MTP on, the MTP block consumes the pairs (h_t, x_{t+1}) this chunk completes: (pend_h, x_0),
     (h_0, x_1), ... at positions start-1 .. start+T-2 (a row starting at 0 has no first pair)."""
     def run(params, ids, start, valid, state, pend_h):
-        model = nnx.merge(graphdef, params)
+        model = _model(graphdef, ptree, params)
         last = jnp.maximum(valid - 1, 0)
         out = model(ids, start, {"layers": state["layers"], "mtp": None}, valid_b=valid,
                     logits_at=None if all_logits else last, context_limit=bucket)
@@ -100,21 +106,23 @@ def _prefill_fn(graphdef, ratios, bucket: int, with_mtp: bool, all_logits: bool 
         pend = jnp.where((valid > 0)[:, None, None], h_last, pend_h)
         return out["logits"] if all_logits else out["logits"][:, 0], pend, new
 
-    return jax.jit(run, donate_argnums=(4,))
+    return jax.jit(run, donate_argnums=(4, 5))
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_fn(graphdef, ratios, bucket: int):
-    """(params, tok [B], pos [B], active [B], state, key, knobs) -> (next [B], logits [B,V], h [B,n,d], state)."""
-    def run(params, tok, pos, active, state, key, temperature, top_k, top_p, vocab_limit):
-        model = nnx.merge(graphdef, params)
-        valid = active.astype(jnp.int32)
+def _decode_fn(graphdef, ptree, ratios, bucket: int):
+    """(params, ctl [3, B] = (token, position, active), state, pend_h [B,n,d], key, knobs) ->
+    (next [B], logits [B,V], pend_h (the new streams on active rows), state)."""
+    def run(params, ctl, state, pend_h, key, temperature, top_k, top_p, vocab_limit):
+        model = _model(graphdef, ptree, params)
+        tok, pos, valid = ctl[0], ctl[1], ctl[2]
         out = model(tok[:, None], pos, {"layers": state["layers"], "mtp": None}, valid_b=valid, context_limit=bucket)
         logits = out["logits"][:, 0]
         nxt = sample(logits, key, temperature, top_k, top_p, vocab_limit)
-        return nxt, logits, out["streams"][:, 0], {"layers": out["state"]["layers"], "mtp": state["mtp"]}
+        pend = jnp.where((valid > 0)[:, None, None], out["streams"][:, 0], pend_h)
+        return nxt, logits, pend, {"layers": out["state"]["layers"], "mtp": state["mtp"]}
 
-    return jax.jit(run, donate_argnums=(4,))
+    return jax.jit(run, donate_argnums=(2, 3))
 
 
 def _argmax(logits, vocab_limit):
@@ -124,10 +132,10 @@ def _argmax(logits, vocab_limit):
 
 
 @functools.lru_cache(maxsize=64)
-def _draft_fn(graphdef, ratios, bucket: int):
+def _draft_fn(graphdef, ptree, ratios, bucket: int):
     """MTP on one pair (h_{p}, x_{p+1}) at position p -> (draft for p+2 [B], state)."""
     def run(params, h, nxt, p, state, vocab_limit):
-        model = nnx.merge(graphdef, params)
+        model = _model(graphdef, ptree, params)
         logits, st, _ = model.mtp_logits(h[:, None], nxt[:, None], p, state["mtp"][0], context_limit=bucket)
         return _argmax(logits[:, 0], vocab_limit), {"layers": state["layers"], "mtp": [st] + state["mtp"][1:]}
 
@@ -135,7 +143,7 @@ def _draft_fn(graphdef, ratios, bucket: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _spec_fn(graphdef, ratios, bucket: int):
+def _spec_fn(graphdef, ptree, ratios, bucket: int):
     """Greedy MTP speculation, one step: verify the draft d with the main model on [tok, d].
 
     (params, tok [B], d [B], pos [B], state) -> (g1 [B], g2 [B], accepted [B] bool, new draft [B], state).
@@ -143,7 +151,7 @@ def _spec_fn(graphdef, ratios, bucket: int):
     state is recomputed from the input windows/tails with only `tok` valid (entries written for the
     rejected draft lie beyond the committed count: harmless, see the module docstring)."""
     def run(params, tok, d, pos, state, vocab_limit):
-        model = nnx.merge(graphdef, params)
+        model = _model(graphdef, ptree, params)
         main_in = {"layers": state["layers"], "mtp": None}
         ids = jnp.stack([tok, d], axis=1)
         out = model(ids, pos, main_in, context_limit=bucket)
@@ -197,6 +205,8 @@ class Engine:
             raise ValueError("speculative decoding needs an MTP block (num_nextn_predict_layers >= 1)")
         self.cfg, self.model = cfg, model
         self.graphdef, self.params = nnx.split(model)
+        self.param_leaves, self._ptree = jax.tree.flatten(self.params)
+        self._fns, self._knobs = {}, {}  # jitted steps and sampling knobs, looked up without hashing the graphdef
         self.max_context, self.batch, self.kv_layout = max_context, batch, kv_layout
         self.min_bucket, self.speculative = min_bucket, speculative
         self.prefill_chunk, self.fixed_chunk = prefill_chunk, fixed_chunk  # fixed: every call pads to the chunk
@@ -207,6 +217,19 @@ class Engine:
         self.pend_h = self._placed(lambda: jnp.zeros((batch, cfg.hc_mult, cfg.dim), jnp.dtype(cfg.dtype)))
 
     # ---------------------------------------------------------------- helpers
+    def step_fn(self, make, *static):
+        """The jitted step `make(graphdef, ptree, ratios, *static)` (shared between engines of one model
+        through make's lru_cache; cached here so a call does not hash the graphdef)."""
+        k = (make, *static)
+        if k not in self._fns:
+            self._fns[k] = make(self.graphdef, self._ptree, self.ratios, *static)
+        return self._fns[k]
+
+    def knobs(self, sampling: SamplingConfig):
+        if sampling not in self._knobs:
+            self._knobs[sampling] = sampling.knobs()
+        return self._knobs[sampling]
+
     def _placed(self, make):
         """Build a batch-first tree directly with its shardings on the parameters' mesh (batch over
         data/fsdp), so every step sees the same input shardings (no retracing)."""
@@ -261,9 +284,8 @@ class Engine:
             valid = np.clip(lens - done, 0, n)
             for b, r in enumerate(rows):
                 ids[b, : valid[b]] = r[done: done + valid[b]]
-            fn = _prefill_fn(self.graphdef, self.ratios, self.bucket(int((self.pos + valid).max())), self.speculative,
-                             all_logits)
-            lg, self.pend_h, self.state = fn(self.params, jnp.asarray(ids), jnp.asarray(self.pos, jnp.int32),
+            fn = self.step_fn(_prefill_fn, self.bucket(int((self.pos + valid).max())), self.speculative, all_logits)
+            lg, self.pend_h, self.state = fn(self.param_leaves, jnp.asarray(ids), jnp.asarray(self.pos, jnp.int32),
                                              jnp.asarray(valid, jnp.int32), self.state, self.pend_h)
             lg = np.asarray(lg, np.float32)
             if all_logits:
@@ -282,25 +304,25 @@ class Engine:
         check_tokens(tokens[None], self.cfg.vocab_size)
         active = np.ones(self.batch, bool) if active is None else np.asarray(active, bool)
         self._check_room(active.astype(np.int64))
-        fn = _decode_fn(self.graphdef, self.ratios, self.bucket(int((self.pos + active).max())))
-        nxt, logits, h, self.state = fn(self.params, jnp.asarray(tokens, jnp.int32), jnp.asarray(self.pos, jnp.int32),
-                                        jnp.asarray(active), self.state, key, *sampling.knobs())
-        self.pend_h = jnp.where(jnp.asarray(active)[:, None, None], h, self.pend_h)
+        fn = self.step_fn(_decode_fn, self.bucket(int((self.pos + active).max())))
+        ctl = jnp.asarray(np.stack([tokens, self.pos, active]), jnp.int32)  # one transfer
+        nxt, logits, self.pend_h, self.state = fn(self.param_leaves, ctl, self.state, self.pend_h, key,
+                                                  *self.knobs(sampling))
         self.pos += active
         return np.asarray(nxt), logits
 
     def draft(self, nxt, vocab_limit: int = 0) -> np.ndarray:
         """MTP draft of the token after `nxt` (the token just sampled after the last processed one)."""
         p = jnp.asarray(self.pos - 1, jnp.int32)
-        fn = _draft_fn(self.graphdef, self.ratios, self.bucket(int(self.pos.max())))
-        d, self.state = fn(self.params, self.pend_h, jnp.asarray(nxt, jnp.int32), p, self.state, jnp.int32(vocab_limit))
+        fn = self.step_fn(_draft_fn, self.bucket(int(self.pos.max())))
+        d, self.state = fn(self.param_leaves, self.pend_h, jnp.asarray(nxt, jnp.int32), p, self.state, jnp.int32(vocab_limit))
         return np.asarray(d)
 
     def speculate(self, tok, d, vocab_limit: int = 0):
         """One verify step -> (committed tokens per row: list of 1 or 2 ids, new draft [B])."""
         self._check_room(np.full(self.batch, 2))
-        fn = _spec_fn(self.graphdef, self.ratios, self.bucket(int(self.pos.max()) + 2))
-        g1, g2, acc, draft, self.state = fn(self.params, jnp.asarray(tok, jnp.int32), jnp.asarray(d, jnp.int32),
+        fn = self.step_fn(_spec_fn, self.bucket(int(self.pos.max()) + 2))
+        g1, g2, acc, draft, self.state = fn(self.param_leaves, jnp.asarray(tok, jnp.int32), jnp.asarray(d, jnp.int32),
                                             jnp.asarray(self.pos, jnp.int32), self.state, jnp.int32(vocab_limit))
         g1, g2, acc = np.asarray(g1), np.asarray(g2), np.asarray(acc)
         self.pos += 1 + acc

@@ -2,16 +2,20 @@
 the first layers, top-k renormalisation x routed_scaling_factor, one shared expert, clamped SwiGLU.
 
 Expert weights are stacked per layer: w1/w3 [E, F, d], w2 [E, d, F] (checkpoint layout [out, in]).
-Three dispatches compute the same numbers ("ep" with its default, exact capacity):
+Four dispatches compute the same numbers ("ep" with its default, exact capacity):
   "dense"  every expert on every token, combined with zero weights for unselected experts
-           (T x E x F intermediate; the exact reference, and the fastest for tiny configs);
+           (T x E x F intermediate; the exact reference);
   "gather" each token's k expert matrices gathered ([T, k, F, d]): reads only the chosen experts'
            weights, the decode path.
+  "grouped" the T*k assignments sorted by expert into row tiles of one expert each, one grouped matmul
+           per weight (`grouped_matmul`; kernel `moe_kernel`: "jnp" scan over tiles for XLA:CPU,
+           "ragged_dot" for GPU, "megablox" Pallas for TPU): ~T*k rows of work, the prefill/training path.
   "ep"     expert parallelism: under a mesh with an `expert` axis > 1 (set with `jax.set_mesh`), every
            device sends its tokens to the devices owning their experts and gets the results back, inside
            `jax.shard_map` with capacity-padded `all_to_all`s (see `ep_dispatch`); without such a mesh it
-           falls back to the "auto" choice between dense and gather.
-"auto" picks ep when the mesh allows it and T*k >= E, else gather when T*k < E, dense otherwise.
+           falls back to the "auto" choice between gather and grouped.
+"auto" picks ep when the mesh allows it and T*k >= E, else gather when T*k < E, grouped otherwise
+(grouped beats dense on XLA:CPU from T*k = E on: 2-6x forward, 4-6x with gradients, tiny config).
 `moe_capacity_factor` bounds the ep slots per (source device, expert): 0 (the default) = every local
 token, so nothing is dropped (buffers of E x t_local rows per device: dense-like work, which is what
 the CPU tests check); f > 0 = ceil(f * t_local * k / E) slots (GShard-style; the overflow is dropped),
@@ -27,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from . import quant
+from . import grouped_matmul, quant
 from .config import ModelConfig
 from .layers import HIGHEST, BalanceBias, Buffer, Linear, init_std, param
 from .sharding import RULES
@@ -101,6 +105,7 @@ class Experts(nnx.Module):
         self.limit = cfg.swiglu_limit
         self.capacity_factor = float(getattr(cfg, "moe_capacity_factor", 0.0))  # "ep" only; 0 = exact
         self.qat_fp4 = bool(cfg.qat_fp4_experts)
+        self.kernel = getattr(cfg, "moe_kernel", "jnp")  # "grouped" only: the grouped-matmul kernel
         kw = dict(role="expert", dtype=cfg.param_dtype)
         self.w1 = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), std=init_std(cfg, d), **kw)
         self.w2 = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), std=init_std(cfg, f), **kw)
@@ -134,8 +139,15 @@ class Experts(nnx.Module):
         return jnp.einsum("tkf,tkdf->td", h, self.read("w2", idx_tk).astype(dt), precision=HIGHEST,
                           preferred_element_type=jnp.float32)
 
+    def grouped(self, x_td, w_tk, idx_tk):
+        """Sorted dispatch (`grouped_matmul.dispatch`): rows grouped by expert in tiles of one expert each,
+        a grouped matmul (`moe_kernel`: "jnp" | "ragged_dot" | "megablox") per weight; exact, static shapes."""
+        act = functools.partial(swiglu, limit=self.limit)
+        return grouped_matmul.dispatch(x_td, w_tk, idx_tk, self.read, self.w1.shape[0], act, self.kernel,
+                                       precision=HIGHEST)
+
     def ep(self, x_td, w_tk, idx_tk):
-        """Expert-parallel dispatch (`ep_dispatch`); without a mesh that allows it, dense or gather."""
+        """Expert-parallel dispatch (`ep_dispatch`); without a mesh that allows it, gather or grouped."""
         e, f = self.w1.shape[:2]
         layout = ep_layout(x_td.shape[0], e, f)
         if layout is None:
@@ -144,13 +156,13 @@ class Experts(nnx.Module):
                            self.capacity_factor)
 
     def choose(self, impl: str, n_tokens: int, k: int) -> str:
-        """"auto" -> "ep" when the context mesh allows it and T*k >= E, else "gather" when T*k < E, else "dense"."""
+        """"auto" -> "ep" when the context mesh allows it and T*k >= E, else "gather" when T*k < E, else "grouped"."""
         if impl != "auto":
             return impl
         e, f = self.w1.shape[:2]
         if n_tokens * k >= e and ep_layout(n_tokens, e, f) is not None:
             return "ep"
-        return "gather" if n_tokens * k < e else "dense"
+        return "gather" if n_tokens * k < e else "grouped"
 
 
 class MoE(nnx.Module):
