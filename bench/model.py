@@ -97,13 +97,14 @@ def layer_prefill_flops(kind: str, S: int, n_heads: int, head_dim: int, *, m=4, 
 
 
 def blocked_prefill_flops(kind: str, S: int, n_heads: int, head_dim: int, *, block=128, m=4, m_hca=128, topk=512,
-                          window=128, idx_heads=4, idx_dim=64, groups=1) -> float:
+                          window=128, idx_heads=4, idx_dim=64, groups=1, sub=16) -> float:
     """The FLOPs attend_sequence (query blocks of `block`, in `groups` causal groups: group g scores the
-    first N (g+1)/groups entries) and the blocked dense baseline really compute."""
+    first N (g+1)/groups entries; window band in query sub-blocks of `sub`) and the blocked dense baseline
+    really compute."""
     per_pair = 4 * n_heads * head_dim
     if kind == "dense":
         return per_pair * S * (S + block) / 2
-    band = S * (block + window)  # (query, window-band key) pairs, half of them masked
+    band = S * ((sub if block % sub == 0 else block) + window)  # (query, window-slab key) pairs (`_window_band`)
     if kind == "swa":
         return per_pair * band
     nblk = S // block

@@ -36,6 +36,9 @@ from .layers import HIGHEST, Linear, RMSNorm, apply_rope, param, rms_norm, rope_
 # query-block groups of a whole-sequence forward (training, scoring): group g of G scores only the
 # compressed entries visible to its last query, cutting the causal over-count from 2x to (G+1)/G
 CAUSAL_GROUPS = 8
+# queries per window sub-block: the 128-token window band of a Q-query block is scored in slabs of
+# WINDOW_SUB + W keys, (16 + 128) / 128 = 1.125x the useful work (one slab of Q + W would be 2x)
+WINDOW_SUB = 16
 
 
 class Indexer(nnx.Module):
@@ -216,23 +219,23 @@ def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, 
         keys = jax.lax.dynamic_slice_in_dim(ext, j0, block + window)  # [Q+W, c]
         qs = jax.lax.dynamic_slice_in_dim(qseg, j0, block)[:, None]  # [Q, 1]
         ks = jax.lax.dynamic_slice_in_dim(kseg, j0, block + window)[None, :]
-        jj = jnp.arange(block)[:, None]
-        r = jnp.arange(block + window)[None, :]
-        win_ok = (r >= jj + 1) & (r <= jj + window) & (j0 + r >= window - start) & (ks == qs)
-        logits = [jnp.where(win_ok[:, None, :], _qk(q, keys, scale), -jnp.inf)]
+        win_lg, win_keys = _window_band(q, keys, ks[0], qs[:, 0], j0 - window + start, window, scale)
+        logits = [win_lg]
         vals = idx = score = None
         if ratio:
             pos = start + j0 + jnp.arange(block)  # [Q]
             ok = (jnp.arange(comp_nc.shape[0])[None, :] < ((pos + 1) // ratio)[:, None]) & (cseg[None, :] == qs)
             iblk = None if index is None else tuple(jax.lax.dynamic_slice_in_dim(a, j0, block) for a in (qi, wi))
             if iblk is not None and not csa_dense and kernel != "jnp":
+                jj, r = jnp.arange(block)[:, None], jnp.arange(block + window)[None, :]
+                win_ok = (r >= jj + 1) & (r <= jj + window) & (j0 + r >= window - start) & (ks == qs)
                 return _csa_kernel_block(q, keys, win_ok, comp_nc, ok, iblk, ki, sink_h, topk, scale, kernel,
                                          indexer_loss)
             lg, vals, idx, score = _compressed_branch(q, comp_nc, ok, iblk, ki if index is not None else None,
                                                       topk, scale, csa_dense)
             logits.append(lg)
-        o, p = _sink_softmax_mix(logits, keys, vals, sink_h)
-        kl = _indexer_kl(p[..., keys.shape[0]:], score) if indexer_loss and score is not None else jnp.zeros((2,))
+        o, p = _sink_softmax_mix(logits, win_keys, vals, sink_h)
+        kl = _indexer_kl(p[..., win_lg.shape[-1]:], score) if indexer_loss and score is not None else jnp.zeros((2,))
         return o, idx, kl
 
     outs = []
@@ -258,6 +261,28 @@ def _block_groups(nblk: int, groups: int):
     """[(first block, end block)] of `groups` consecutive, near-equal groups."""
     ends = [nblk * (g + 1) // groups for g in range(groups)]
     return [(b0, b1) for b0, b1 in zip([0] + ends[:-1], ends) if b1 > b0]
+
+
+def _window_band(q_qhc, keys_rc, kseg_r, qseg_q, pos0, window: int, scale):
+    """Window logits of a query block, in sub-blocks of S = WINDOW_SUB queries: sub-block i scores only
+    its own S + W slab rows [iS, iS + S + W) of the block's key slab (rows = W state/earlier rows, then
+    the block's own), so the band costs (S + W) / W of the useful work instead of (Q + W) / W.
+
+    q [Q, H, c], keys [Q+W, c], kseg [Q+W], qseg [Q]; pos0 = position of slab row 0 (rows below 0 are
+    empty state) -> (logits [Q, H, S+W] (-inf where not visible), slab keys [Q/S, S+W, c]).
+    Query j sees slab rows j+1 .. j+W of the same document."""
+    nq, h, c = q_qhc.shape
+    sb = WINDOW_SUB if nq % WINDOW_SUB == 0 else nq
+    ns, nk = nq // sb, sb + window
+    rows = jnp.arange(ns)[:, None] * sb + jnp.arange(nk)[None, :]  # [Q/S, S+W] slab rows
+    keys = keys_rc[rows]  # [Q/S, S+W, c] (static slices)
+    jj = jnp.arange(sb)[:, None]
+    rr = jnp.arange(nk)[None, :]
+    ok = (rr >= jj + 1) & (rr <= jj + window)  # [S, S+W], same for every sub-block
+    ok = ok[None] & (pos0 + rows >= 0)[:, None, :] & (kseg_r[rows][:, None, :] == qseg_q.reshape(ns, sb)[:, :, None])
+    lg = jnp.einsum("sqhc,skc->sqhk", q_qhc.reshape(ns, sb, h, c), keys, precision=HIGHEST).astype(jnp.float32)
+    lg = jnp.where(ok[:, :, None, :], lg * scale, -jnp.inf)
+    return lg.reshape(nq, h, nk), keys
 
 
 def _compressed_branch(q, comp_nc, ok_qn, iblk, ki, topk, scale, csa_dense):
@@ -326,8 +351,10 @@ def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
     p = jnp.exp(lg - mx[..., None])
     den = jnp.sum(p, axis=-1) + jnp.exp(sink - mx)
     p = (p / den[..., None]).astype(win_keys.dtype)
-    nw = win_keys.shape[0]
-    o = jnp.einsum("qhk,kc->qhc", p[..., :nw], win_keys, precision=HIGHEST)
+    ns, nw, c = win_keys.shape  # window slab keys per query sub-block (`_window_band`)
+    q, h = p.shape[:2]
+    o = jnp.einsum("sqhk,skc->sqhc", p[..., :nw].reshape(ns, q // ns, h, nw), win_keys,
+                   precision=HIGHEST).reshape(q, h, c)
     if comp_vals is not None:
         eq = "qhk,qkc->qhc" if comp_vals.ndim == 3 else "qhk,kc->qhc"
         o = o + jnp.einsum(eq, p[..., nw:], comp_vals, precision=HIGHEST)
