@@ -20,7 +20,7 @@ from v4jax import data as D
 from v4jax import layers, moe, quant
 from v4jax import model as M
 from v4jax import training as T
-from v4jax.config import ModelConfig
+from v4jax.config import ConfigError, ModelConfig
 from v4jax.sharding import batch_sharding
 from v4jax.trainer import RunConfig, StagedBatches, Trainer, parse_qat, parse_seq_stages
 
@@ -268,6 +268,10 @@ def test_run_settings_parse_and_are_checked(small):
         Trainer(RunConfig(config=small, seq_stages="16:2,30", out="unused"))
     with pytest.raises(ValueError, match="grad_accum"):
         Trainer(RunConfig(config=small, grad_accum=0, out="unused"))
+    rc = RunConfig.load(None, ["attention_kernel=pallas_gpu", "moe_impl=grouped", "moe_kernel=ragged_dot"])
+    assert (rc.attention_kernel, rc.moe_impl, rc.moe_kernel) == ("pallas_gpu", "grouped", "ragged_dot")
+    with pytest.raises(ConfigError, match="moe_kernel.*unknown 'gmm'"):
+        Trainer(RunConfig(config=small, moe_kernel="gmm", out="unused"))
 
 
 def _rc(config, out, **kw):

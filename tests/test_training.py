@@ -77,15 +77,18 @@ def test_sigkill_and_resume_gives_identical_losses(uninterrupted, tmp_path):
 
 
 def test_spike_rolls_back_and_recovers(tmp_path):
+    """The parameters are damaged right after step 8's update, so the snapshot of step 8 is damaged too:
+    step 9 spikes, the rollback to 8 spikes again at once, so 8 is dropped for the snapshot of step 4;
+    steps 5.. run again on fresh data with anticipatory routing for 3 steps, and the loss recovers."""
     out = tmp_path / "s"
     _run(out, steps=12, save_every=0, snapshot_every=4, inject_spike_at=8, ar_steps=3, spike_factor=1.3)
     recs = _metrics(out)
     events = [r for r in recs if r.get("event") == "loss_spike"]
-    assert len(events) == 1 and events[0]["step"] == 9 and events[0]["rolled_back_to"] == 8
+    assert [(e["step"], e["rolled_back_to"]) for e in events] == [(9, 8), (9, 4)]
     steps = [r for r in recs if "event" not in r]
-    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert [r["step"] for r in steps] == list(range(1, 9)) + list(range(5, 13))
     ar = [r["step"] for r in steps if r["anticipatory_routing"]]
-    assert ar == [9, 10, 11]
+    assert ar == [5, 6, 7]
     assert steps[-1]["loss"] < events[0]["loss"] and np.isfinite(steps[-1]["loss"])
 
 

@@ -67,7 +67,7 @@ class RunConfig:
     snapshot_every: int = 10  # in-memory rollback point, taken when the recent losses look healthy
     ar_delta: int = 2  # anticipatory routing lag (0 = off)
     ar_steps: int = 20  # steps of anticipatory routing after a spike
-    inject_spike_at: int = -1  # testing: perturb the parameters before this step
+    inject_spike_at: int = -1  # testing: perturb the parameters after this step's update
     # sparse-attention recipe: "dense:N1,indexer_warmup:N2,sparse" = dense CSA until step N1, indexer-only
     # KL warm-up until N2, then top-k with the KL on the selected entries. "" = sparse, no indexer loss.
     phases: str = ""
@@ -85,6 +85,10 @@ class RunConfig:
     # FP4-indexer-q/k simulation (ModelConfig.qat_sim). Straight-through gradients; may be switched on
     # when resuming (a late-stage QAT run).
     qat: str = ""
+    # kernels and MoE dispatch (ModelConfig run-time keys; not part of the checkpoint)
+    attention_kernel: str = "jnp"  # CSA sparse branch: jnp | pallas_tpu | pallas_gpu
+    moe_impl: str = "auto"  # auto | dense | gather | grouped | ep
+    moe_kernel: str = "jnp"  # grouped expert matmuls: jnp | ragged_dot | megablox
 
     @classmethod
     def load(cls, toml_path: str | None, overrides: list[str], **flags) -> "RunConfig":
@@ -117,6 +121,7 @@ def _parse_value(text: str, typ: str):
 
 
 # ---------------------------------------------------------------------------- spike detector
+MAX_ROLLBACKS = 3  # rollbacks in a row without a healthy step before a spike is accepted
 @dataclasses.dataclass
 class SpikeDetector:
     window: int
@@ -143,7 +148,8 @@ class SpikeDetector:
 class Trainer:
     def __init__(self, rc: RunConfig):
         self.rc = rc
-        self.cfg = ModelConfig.from_hub(rc.config, **parse_qat(rc.qat))
+        self.cfg = ModelConfig.from_hub(rc.config, **parse_qat(rc.qat), attention_kernel=rc.attention_kernel,
+                                        moe_impl=rc.moe_impl, moe_kernel=rc.moe_kernel)
         self.mesh = make_mesh(rc.mesh) if rc.mesh else make_mesh({"data": 1})
         self.tokenizer = data_lib.load_tokenizer(rc.tokenizer)
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
@@ -240,13 +246,11 @@ class Trainer:
             _truncate_metrics(metrics_path, start)
         if start:
             log(f"resumed from {rc.out} at step {start}")
-        snap = self._snapshot(start)
+        snaps, self._retries = [self._snapshot(start)], 0  # rollback points (the last two), rollbacks in a row
         t_begin, last = time.time(), {}
         with open(metrics_path if writer else os.devnull, "a") as mlog:
             step = start
             while step < rc.steps:
-                if step == rc.inject_spike_at and not self.detector.events:
-                    self._inject_spike()  # testing hook, once
                 ar = self.detector.ar_left > 0
                 phase, seq_len = self.phase_at(step), self.seq_len_at(step)
                 t0 = time.time()
@@ -256,9 +260,12 @@ class Trainer:
                 loss = float(met["loss"])
                 dt = time.time() - t0
                 if rc.spike_detect and self.detector.is_spike(loss):
-                    step = self._rollback(snap, step, loss, mlog, log)
-                    continue
+                    back = self._on_spike(snaps, step, loss, mlog, log)
+                    if back is not None:
+                        step = back
+                        continue
                 self.detector.observe(loss)
+                self._retries = 0
                 step += 1
                 tokens = rc.batch * rc.grad_accum * seq_len * jax.process_count()
                 last = dict(_record(step, met, float(self.schedule(step - 1)), tokens / dt, ar), phase=phase,
@@ -271,8 +278,10 @@ class Trainer:
                         f"ETA {eta:6.0f}s" + ("  [anticipatory routing]" if ar else ""))
                 if rc.save_every and step % rc.save_every == 0 or step == rc.steps:
                     self.save(step)
+                if step == rc.inject_spike_at and not self.detector.events:
+                    self._inject_spike()  # testing hook, once: damages the state the snapshot below takes
                 if step % rc.snapshot_every == 0 and not ar:
-                    snap = self._snapshot(step)
+                    snaps = (snaps + [self._snapshot(step)])[-2:]
         self.manager.wait_until_finished()
         return last
 
@@ -294,6 +303,21 @@ class Trainer:
             self._step_fns[phase] = T.make_train_step(graphdef, self.tx, lcfg, self.sharding, None, mask,
                                                       grad_accum=self.rc.grad_accum)
         return self._step_fns[phase]
+
+    def _on_spike(self, snaps, step, loss, mlog, log):
+        """Roll back -> the step to continue from; or None: the loss is accepted (logged) after
+        `MAX_ROLLBACKS` rollbacks in a row. A rollback point whose very next step spikes again is itself
+        damaged (the update just before the snapshot went wrong): it is dropped for the older one."""
+        if self._retries >= MAX_ROLLBACKS:
+            self._retries = 0
+            event = {"step": step + 1, "event": "loss_spike_accepted", "loss": loss if math.isfinite(loss) else str(loss)}
+            mlog.write(json.dumps(event) + "\n")
+            log(f"loss spike at step {step + 1} (loss {loss:.4f}) again after {MAX_ROLLBACKS} rollbacks: accepted")
+            return None
+        if self._retries and len(snaps) > 1:
+            snaps.pop()
+        self._retries += 1
+        return self._rollback(snaps[-1], step, loss, mlog, log)
 
     def _rollback(self, snap, step, loss, mlog, log) -> int:
         self.detector.events += 1
