@@ -3,17 +3,20 @@
 
 The same chunk function runs training (empty state, whole sequence), prefill, chunked prefill and
 decode (T = 1). Queries are processed in blocks of Q (`ModelConfig.attn_block`) by `lax.map`, so the
-largest buffers are Q x (Q + W) for the window, Q x k gathered entries for CSA and Q x N (entries) for
-HCA and the indexer scores: linear in the sequence length; nothing is S x S or S x S/m.
+largest buffers are Q x (S + W) for the window (sub-blocks of S = WINDOW_SUB queries), Q x k gathered
+entries for CSA and Q x N (entries) for HCA and the indexer scores: linear in the sequence length;
+nothing is S x S or S x S/m. Blocks are rematerialised in the backward; a whole sequence from position
+0 runs its blocks in CAUSAL_GROUPS groups, each scoring only the entries its queries can see.
 
 Shape walk-through for one sequence and one query block (b = block index, j0 = b*Q):
   q_qhc      [Q, H, c]      queries of positions start+j0 .. start+j0+Q-1
   win_kc     [Q+W, c]       E[j0 : j0+Q+W], E = (state window, W rows) ++ (chunk kv, T rows);
-                            row i of E is position start-W+i; query jj sees rows jj+1 .. jj+W
+                            row i of E is position start-W+i; query jj sees rows jj+1 .. jj+W;
+                            sub-block i of S queries scores only slab rows iS .. iS+S+W-1 [Q/S, S+W, c]
   comp_nc    [N, c]         compressed entries (state buffer after this chunk's writes)
   CSA: score_qn [Q, N] -> top-k idx_qk [Q, k] -> gathered [Q, k, c] (a gather, never a mask)
   HCA: all N entries, masked by n < floor((p+1)/m)
-  logits     [Q, H, Q+W+k|N] -> softmax with exp(sink_h) in the denominator -> o_qhc [Q, H, c]
+  logits     [Q, H, S+W+k|N] -> softmax with exp(sink_h) in the denominator -> o_qhc [Q, H, c]
 
 `ModelConfig.attention_kernel` ("jnp" | "pallas_tpu" | "pallas_gpu") picks who computes the CSA sparse
 branch (window + gathered top-k, one softmax with the sink): this jnp code or a Pallas kernel
