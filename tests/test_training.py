@@ -1,5 +1,6 @@
 """train.py's machinery on a 2-layer config: loss falls, exact resume, spike rollback, sharded
 steps equal single-device steps, balancing, checkpoint refusal, and inference from what it saved."""
+import io
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +21,7 @@ from v4jax import model as M
 from v4jax import training as T
 from v4jax.checkpoint import CheckpointError
 from v4jax.config import ModelConfig
-from v4jax.trainer import RunConfig, Trainer, load_trained
+from v4jax.trainer import MAX_ROLLBACKS, RunConfig, Trainer, load_trained
 
 CONFIG = os.path.join(FIXTURES, "train-tiny.json")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,3 +196,16 @@ def test_generate_from_the_training_checkpoint(uninterrupted, capsys):
     rc = infer.main(["generate", "--checkpoint", str(out), "--prompt", "x" * 300, "--mode", "raw",
                      "--max-context", "256"])
     assert rc == 2 and "exceed the maximum context of 256" in capsys.readouterr().err
+
+
+def test_repeated_spikes_fall_back_then_accept_or_stop():
+    """Rollback policy alone: the newest point, then (it spiked again at once) the older one, then
+    after MAX_ROLLBACKS in a row a finite spike is accepted and logged; a non-finite one stops the run."""
+    fake = SimpleNamespace(_retries=0, rc=SimpleNamespace(out="runs/x"), _rollback=lambda snap, *a: snap[0])
+    snaps, mlog = [(4, None), (8, None)], io.StringIO()
+    backs = [Trainer._on_spike(fake, snaps, 8, 5.0, mlog, print) for _ in range(MAX_ROLLBACKS + 1)]
+    assert backs == [8, 4, 4, None] and snaps == [(4, None)]
+    assert '"event": "loss_spike_accepted"' in mlog.getvalue() and fake._retries == 0
+    fake._retries = MAX_ROLLBACKS
+    with pytest.raises(FloatingPointError, match="loss is nan at step 9 after 3 rollbacks"):
+        Trainer._on_spike(fake, snaps, 8, float("nan"), mlog, print)

@@ -123,7 +123,9 @@ def _parse_value(text: str, typ: str):
 
 
 # ---------------------------------------------------------------------------- spike detector
-MAX_ROLLBACKS = 3  # rollbacks in a row without a healthy step before a spike is accepted
+MAX_ROLLBACKS = 3  # rollbacks in a row without a healthy step before a (finite) spike is accepted
+
+
 @dataclasses.dataclass
 class SpikeDetector:
     window: int
@@ -311,6 +313,9 @@ class Trainer:
         `MAX_ROLLBACKS` rollbacks in a row. A rollback point whose very next step spikes again is itself
         damaged (the update just before the snapshot went wrong): it is dropped for the older one."""
         if self._retries >= MAX_ROLLBACKS:
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1} after {MAX_ROLLBACKS} rollbacks in a row: "
+                                         f"stopping (checkpoints in {self.rc.out} are untouched)")
             self._retries = 0
             event = {"step": step + 1, "event": "loss_spike_accepted", "loss": loss if math.isfinite(loss) else str(loss)}
             mlog.write(json.dumps(event) + "\n")
