@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
 
@@ -79,6 +78,7 @@ def cmd_score(args) -> int:
     import numpy as np
 
     from v4jax import scoring
+    from v4jax.serving import save_npz_atomic
     from v4jax.sharding import make_mesh
 
     if not os.path.exists(args.tokens):
@@ -93,7 +93,7 @@ def cmd_score(args) -> int:
     t0 = time.time()
     out = scoring.score(model, tokens, prefill=args.prefill)
     print(f"scored in {time.time() - t0:.1f}s", file=sys.stderr)
-    _save_npz_atomic(args.out, out)
+    save_npz_atomic(args.out, out)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items()))
     return 0
 
@@ -233,21 +233,6 @@ def load_model(path: str, mesh=None, **runtime):
     if any(f.endswith(".safetensors") for f in os.listdir(path)):
         return checkpoint.load_hub(path, mesh=mesh, **runtime)
     return load_trained(path, **runtime)
-
-
-def _save_npz_atomic(path: str, arrays: dict) -> None:
-    import numpy as np
-
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:

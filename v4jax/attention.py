@@ -33,7 +33,7 @@ from flax import nnx
 from . import kvstore, quant
 from .compressor import Compressor
 from .config import ModelConfig
-from .kernels import sparse_gather_attention
+from .kernels import sink_softmax, sparse_gather_attention
 from .layers import HIGHEST, Linear, RMSNorm, apply_rope, param, rms_norm, rope_cos_sin, rope_inv_freq
 
 # query-block groups of a whole-sequence forward (training, scoring): group g of G scores only the
@@ -348,12 +348,8 @@ def _qk(q_qhc, k_kc, scale):
 
 def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
     """One softmax over [window | compressed] logits with exp(sink) in the denominator; K = V."""
-    lg = jnp.concatenate([l.astype(jnp.float32) for l in logits], axis=-1)  # [Q, H, K]
-    sink = sink_h.astype(jnp.float32)[None, :]
-    mx = jnp.maximum(jnp.max(lg, axis=-1), sink)  # [Q, H], finite thanks to the sink
-    p = jnp.exp(lg - mx[..., None])
-    den = jnp.sum(p, axis=-1) + jnp.exp(sink - mx)
-    p = (p / den[..., None]).astype(win_keys.dtype)
+    p, _ = sink_softmax(jnp.concatenate([l.astype(jnp.float32) for l in logits], axis=-1), sink_h)  # [Q, H, K]
+    p = p.astype(win_keys.dtype)
     ns, nw, c = win_keys.shape  # window slab keys per query sub-block (`_window_band`)
     q, h = p.shape[:2]
     o = jnp.einsum("sqhk,skc->sqhc", p[..., :nw].reshape(ns, q // ns, h, nw), win_keys,

@@ -313,8 +313,14 @@ def save_prefix_state(path: str, row: dict) -> None:
             "pos": int(row["pos"])}
     arrays.update(tokens=np.asarray(row["tokens"], np.int64), pend_h=np.asarray(row["pend_h"], np.float32),
                   meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+    save_npz_atomic(path, arrays)
+
+
+def save_npz_atomic(path: str, arrays: dict) -> None:
+    """np.savez to a temporary file beside `path`, then renamed over it: a reader never sees half a file."""
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)

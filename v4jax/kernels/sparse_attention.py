@@ -66,16 +66,22 @@ def reference(q_qhc, win_kc, win_ok_qw, entries_nc, idx_qk, sink_h, scale):
     vals_qkc = entries_nc[jnp.maximum(idx_qk, 0)]
     lc = jnp.einsum("qhc,qkc->qhk", q_qhc, vals_qkc, precision=HIGHEST).astype(jnp.float32) * scale
     lc = jnp.where((idx_qk >= 0)[:, None, :], lc, -jnp.inf)
-    lg = jnp.concatenate([lw, lc], axis=-1)  # [Q, H, Kw + k]
-    sink = sink_h.astype(jnp.float32)[None, :]
-    mx = jnp.maximum(jnp.max(lg, axis=-1), sink)  # [Q, H], finite thanks to the sink
-    p = jnp.exp(lg - mx[..., None])
-    den = jnp.sum(p, axis=-1) + jnp.exp(sink - mx)
-    p = (p / den[..., None]).astype(win_kc.dtype)
+    p, lse = sink_softmax(jnp.concatenate([lw, lc], axis=-1), sink_h)  # [Q, H, Kw + k]
+    p = p.astype(win_kc.dtype)
     nw = win_kc.shape[0]
     o = jnp.einsum("qhw,wc->qhc", p[..., :nw], win_kc, precision=HIGHEST)
     o = o + jnp.einsum("qhk,qkc->qhc", p[..., nw:], vals_qkc, precision=HIGHEST)
-    return o, mx + jnp.log(den)
+    return o, lse
+
+
+def sink_softmax(lg_qhk, sink_h):
+    """Softmax over the last axis of fp32 logits with exp(sink_h) added to the denominator (the sink
+    takes probability mass and has no value) -> (p [Q, H, K], lse_qh = log of that denominator)."""
+    sink = sink_h.astype(jnp.float32)[None, :]
+    mx = jnp.maximum(jnp.max(lg_qhk, axis=-1), sink)  # [Q, H], finite thanks to the sink
+    p = jnp.exp(lg_qhk - mx[..., None])
+    den = jnp.sum(p, axis=-1) + jnp.exp(sink - mx)
+    return p / den[..., None], mx + jnp.log(den)
 
 
 # ------------------------------------------------------------------ custom vjp (backward = reference)
