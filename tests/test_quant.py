@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, fixture_dir
-from v4jax import layers, quant
+from v4jax import layers, mhc, quant
 from v4jax.config import ModelConfig
 
 V = np.load(os.path.join(FIXTURES, "quant_vectors.npz"))
@@ -50,7 +50,7 @@ def test_hadamard():
 
 
 def test_sinkhorn_split():
-    pre, post, comb = layers.sinkhorn_split(jnp.asarray(V["sinkhorn_mixes"]), jnp.asarray(V["sinkhorn_scale"]),
+    pre, post, comb = mhc.sinkhorn_split(jnp.asarray(V["sinkhorn_mixes"]), jnp.asarray(V["sinkhorn_scale"]),
                                             jnp.asarray(V["sinkhorn_base"]), 4, int(V["sinkhorn_iters"]),
                                             float(V["sinkhorn_eps"]))
     for got, key in ((pre, "pre"), (post, "post"), (comb, "comb")):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import quant
+from . import mhc, quant
 from .config import ModelConfig, yarn_correction_range
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -120,7 +120,11 @@ def rope_inv_freq(cfg: ModelConfig, compressed_layer: bool) -> np.ndarray:
     """
     dim = cfg.qk_rope_head_dim
     theta = cfg.compress_rope_theta if compressed_layer else cfg.rope_theta
-    freqs = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    # theta**e rounded once from float64: numpy's float32 power differs by an ulp between CPUs (SIMD paths);
+    # the correctly rounded value is what the official (torch) tables hold.
+    expo = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    power = (np.float64(np.float32(theta)) ** expo.astype(np.float64)).astype(np.float32)
+    freqs = np.float32(1.0) / power
     freqs = freqs.astype(np.float32)
     if compressed_layer and cfg.rope_original_max_position > 0:
         low, high = yarn_correction_range(cfg, theta)
@@ -155,33 +159,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, inverse: bool = Fal
     return jnp.concatenate([nope, rot], axis=-1)
 
 
-# ------------------------------------------------------------------ mHC
-def sinkhorn_split(mixes: jax.Array, scale: jax.Array, base: jax.Array, n: int, iters: int, eps: float):
-    """mixes [..., (2+n)n] -> pre [..., n], post [..., n], comb [..., n, n] (spec §3, official split)."""
-    m = mixes.astype(jnp.float32)
-    pre = jax.nn.sigmoid(m[..., :n] * scale[0] + base[:n]) + eps
-    post = 2.0 * jax.nn.sigmoid(m[..., n:2 * n] * scale[1] + base[n:2 * n])
-    r = (m[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(m.shape[:-1] + (n, n))  # r[j, k]
-    p = jax.nn.softmax(r, axis=-1) + eps
-    p = p / (jnp.sum(p, axis=-2, keepdims=True) + eps)  # column normalise
-
-    def body(_, p):
-        p = p / (jnp.sum(p, axis=-1, keepdims=True) + eps)  # row
-        return p / (jnp.sum(p, axis=-2, keepdims=True) + eps)  # column
-
-    p = jax.lax.fori_loop(0, iters - 1, body, p)
-    return pre, post, p
-
-
-def _hc_mixes(x_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """Flatten the n streams, RMS-normalise (no weight), project with fn -> (mixes, x fp32 flat)."""
-    b, t, n, d = x_btnd.shape
-    xf = x_btnd.reshape(b, t, n * d).astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    mixes = jnp.einsum("btk,mk->btm", xf, fn.astype(jnp.float32), precision=HIGHEST) * r
-    return mixes, xf.reshape(b, t, n, d)
-
-
+# ------------------------------------------------------------------ mHC (math in mhc.py)
 class HyperConnection(nnx.Module):
     """mHC around one sub-layer: pre (collapse n streams) and post (expand + Sinkhorn mix)."""
 
@@ -198,17 +176,14 @@ class HyperConnection(nnx.Module):
         self.scale = param(None, (3,), ("hc_gate",), "vector", value=0.01)
 
     def pre(self, x_btnd: jax.Array):
-        mixes, xf = _hc_mixes(x_btnd, self.fn[...], self.norm_eps)
-        pre, post, comb = sinkhorn_split(mixes, self.scale[...], self.base[...], self.n, self.iters, self.hc_eps)
-        y = jnp.sum(pre[..., None] * xf, axis=2)
-        return y.astype(x_btnd.dtype), post, comb
+        """-> (sub-layer input y [B,T,d], post [B,T,n], comb [B,T,n,n])."""
+        return mhc.hc_pre(x_btnd, self.fn[...], self.scale[...], self.base[...], iters=self.iters,
+                          hc_eps=self.hc_eps, norm_eps=self.norm_eps)
 
     @staticmethod
     def post(f_btd: jax.Array, x_btnd: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
         """X'_k = post_k * F + sum_j comb[j, k] X_j."""
-        y = post[..., None] * f_btd[:, :, None, :].astype(jnp.float32) + jnp.einsum(
-            "btjk,btjd->btkd", comb, x_btnd.astype(jnp.float32), precision=HIGHEST)
-        return y.astype(f_btd.dtype)
+        return mhc.hc_post(f_btd, x_btnd, post, comb)
 
 
 class HyperHead(nnx.Module):
@@ -222,9 +197,8 @@ class HyperHead(nnx.Module):
         self.scale = param(None, (1,), ("hc_gate",), "vector", value=0.01)
 
     def __call__(self, x_btnd: jax.Array) -> jax.Array:
-        mixes, xf = _hc_mixes(x_btnd, self.fn[...], self.norm_eps)
-        w = jax.nn.sigmoid(mixes * self.scale[...] + self.base[...]) + self.hc_eps
-        return jnp.sum(w[..., None] * xf, axis=2).astype(x_btnd.dtype)
+        return mhc.hc_head(x_btnd, self.fn[...], self.scale[...], self.base[...], hc_eps=self.hc_eps,
+                           norm_eps=self.norm_eps)
 
 
 def init_std(cfg: ModelConfig, fan_in: int) -> float:
