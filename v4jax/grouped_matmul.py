@@ -181,4 +181,10 @@ def dispatch(x_td, r_tk, idx_tk, read, n_experts: int, act, kernel: str, precisi
     r_m = jnp.zeros((x_md.shape[0],), jnp.float32).at[lay["pos_a"]].set(r_tk.reshape(-1).astype(jnp.float32))
     h_mf = (act(g_mf, u_mf) * r_m[:, None]).astype(dt)
     y_md = gmm(h_mf, read("w2").astype(dt), lay, kernel, out_dtype=jnp.float32, precision=precision)
-    return y_md[lay["pos_a"]].reshape(t, k, -1).sum(axis=1)
+    # combine: one row gather per k, added (XLA:CPU: 0.55 ms vs 4.4 ms for gather [T*k] + sum over k
+    # at T = 4096, d = 512); pos_a is always in range
+    pos_tk = lay["pos_a"].reshape(t, k)
+    y_td = y_md.at[pos_tk[:, 0]].get(mode="promise_in_bounds")
+    for j in range(1, k):
+        y_td = y_td + y_md.at[pos_tk[:, j]].get(mode="promise_in_bounds")
+    return y_td
