@@ -9,7 +9,7 @@ Model: equal FLOPs -> ratio 1.0; the "grouped" dispatch computes its padded tile
 rows computed / (T*k) (the tile padding of the actual routing), the gather/scatter of rows not counted.
 
 Decode (T = 1, "gather"): which bytes of the expert weights the computation reads, walked from the jaxpr
-(a gather of a weight reads its output's bytes, any other use the whole weight): must equal k experts'
+(a gather or dynamic slice of a weight reads its output's bytes, any other use the whole weight): must equal k experts'
 weights exactly; XLA's own "bytes accessed" of the lowered program is shown beside all E experts' bytes.
 """
 from __future__ import annotations
@@ -105,8 +105,8 @@ def measure(t: int, runs: int) -> dict:
 
 
 def _weight_bytes_read(jaxpr, weights: set) -> float:
-    """Bytes of the `weights` vars the jaxpr reads: a gather reads its output's bytes, a sub-jaxpr is
-    followed, any other use reads the whole weight."""
+    """Bytes of the `weights` vars the jaxpr reads: a gather or dynamic slice reads its output's bytes, a
+    sub-jaxpr is followed (a scan body counted `length` times), any other use reads the whole weight."""
     total = 0.0
     for eqn in jaxpr.eqns:
         used = [v for v in eqn.invars if not isinstance(v, jex_core.Literal) and v in weights]
@@ -116,8 +116,8 @@ def _weight_bytes_read(jaxpr, weights: set) -> float:
         if sub is not None:
             sub = getattr(sub, "jaxpr", sub)
             inner = {iv for iv, ov in zip(sub.invars, eqn.invars) if ov in used}
-            total += _weight_bytes_read(sub, inner)
-        elif eqn.primitive.name == "gather":
+            total += _weight_bytes_read(sub, inner) * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        elif eqn.primitive.name in ("gather", "dynamic_slice"):
             total += sum(np.prod(o.aval.shape) * o.aval.dtype.itemsize for o in eqn.outvars)
         else:
             total += sum(np.prod(v.aval.shape) * v.aval.dtype.itemsize for v in used)

@@ -305,7 +305,7 @@ class Engine:
         active = np.ones(self.batch, bool) if active is None else np.asarray(active, bool)
         self._check_room(active.astype(np.int64))
         fn = self.step_fn(_decode_fn, self.bucket(int((self.pos + active).max())))
-        ctl = jnp.asarray(np.stack([tokens, self.pos, active]), jnp.int32)  # one transfer
+        ctl = np.stack([tokens, self.pos, active]).astype(np.int32)  # one transfer (as a jit argument)
         nxt, logits, self.pend_h, self.state = fn(self.param_leaves, ctl, self.state, self.pend_h, key,
                                                   *self.knobs(sampling))
         self.pos += active

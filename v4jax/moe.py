@@ -111,14 +111,15 @@ class Experts(nnx.Module):
         self.w2 = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), std=init_std(cfg, f), **kw)
         self.w3 = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), std=init_std(cfg, d), **kw)
 
-    def read(self, name: str, idx=None) -> jax.Array:
-        """Expert weight `name` ("w1", "w2", "w3") as the forward uses it, gathered at `idx` if given.
+    def read(self, name: str, expert=None) -> jax.Array:
+        """Expert weight `name` ("w1", "w2", "w3") as the forward uses it: all experts [E, o, i], or the
+        one matrix [o, i] of `expert` (a traced scalar index: a dynamic slice, reading only that expert).
 
         With `qat_fp4_experts` (FP4 QAT, spec §10): MXFP4 quantise-dequantise per 1x32 block along the
         input dim, then FP8 per 128x128 block (lossless when the 32-block scales of a tile fit e4m3, as
         the paper found); straight-through gradient to the master weight."""
         w = getattr(self, name)[...]
-        w = w if idx is None else w[idx]
+        w = w if expert is None else jax.lax.dynamic_index_in_dim(w, expert, keepdims=False)
         return quant.fp8_weight_fake(quant.fp4_weight_fake(w)) if self.qat_fp4 else w
 
     def dense(self, x_td, w_tk, idx_tk):
@@ -132,12 +133,25 @@ class Experts(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     def gather(self, x_td, w_tk, idx_tk):
+        """Few assignments (decode, T*k < E): a loop over the T*k (token, expert) pairs, each slicing its
+        expert's three matrices (reading only the chosen experts' weights; a dynamic slice is a contiguous
+        copy, ~3x faster on XLA:CPU than gathering [T, k, F, d] at once) -> y_td fp32."""
+        t, k = idx_tk.shape
         dt = x_td.dtype
-        g = jnp.einsum("td,tkfd->tkf", x_td, self.read("w1", idx_tk).astype(dt), precision=HIGHEST)
-        u = jnp.einsum("td,tkfd->tkf", x_td, self.read("w3", idx_tk).astype(dt), precision=HIGHEST)
-        h = (swiglu(g, u, self.limit) * w_tk[..., None]).astype(dt)
-        return jnp.einsum("tkf,tkdf->td", h, self.read("w2", idx_tk).astype(dt), precision=HIGHEST,
-                          preferred_element_type=jnp.float32)
+
+        def one(a):
+            e, x_d, r = a
+            g = jnp.einsum("d,fd->f", x_d, self.read("w1", e).astype(dt), precision=HIGHEST)
+            u = jnp.einsum("d,fd->f", x_d, self.read("w3", e).astype(dt), precision=HIGHEST)
+            h = (swiglu(g, u, self.limit) * r).astype(dt)
+            return jnp.einsum("f,df->d", h, self.read("w2", e).astype(dt), precision=HIGHEST,
+                              preferred_element_type=jnp.float32)
+
+        a = t * k  # up to 8 pairs unrolled: no loop (a while loop costs ~40 us per decode step on XLA:CPU)
+        _, y_ad = jax.lax.scan(lambda c, xs: (c, one(xs)), None,
+                               (idx_tk.reshape(-1), jnp.repeat(x_td, k, axis=0), w_tk.reshape(-1)),
+                               unroll=a <= 8)
+        return y_ad.reshape(t, k, -1).sum(axis=1)
 
     def grouped(self, x_td, w_tk, idx_tk):
         """Sorted dispatch (`grouped_matmul.dispatch`): rows grouped by expert in tiles of one expert each,
