@@ -14,9 +14,9 @@ For one block of Q queries (H heads, head dim c, one shared K = V vector per can
 `impl` (the `attention_kernel` config key):
   "jnp"         the reference: gathers [Q, k, c] and materialises [Q, H, Kw + k] logits.
   "pallas_tpu"  Mosaic kernel, grid (sequence, query) with every head of a query in one step (K = V is
-                shared by the heads, so each gathered row is read once for all H). The top-k ids are
-                scalar-prefetched into SMEM and drive one DMA per selected entry row from HBM into a
-                VMEM buffer of `block_k` rows; window then entry chunks are folded in with an online
+                shared by the heads, so each gathered row is read once for all H). Each step copies its
+                query's k top-k ids from HBM into an SMEM scratch row (k int32: SMEM never holds more);
+                they drive one DMA per selected entry row from HBM into a VMEM buffer of `block_k` rows; window then entry chunks are folded in with an online
                 softmax whose running max starts at the sink (always finite, no NaN for a query with
                 no valid candidate).
   "pallas_gpu"  Triton-style kernel, same grid and online softmax; entry rows are gathered with a
@@ -171,12 +171,16 @@ def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, i
     idx_gqk = _pad_to(idx_gqk, 2, kp, -1)
     dt = ent_gnc.dtype
 
-    def kernel(idx_s, q_ref, win_ref, ok_ref, idxv_ref, sink_ref, ent_hbm, o_ref, lse_ref, buf, sem):
+    def kernel(q_ref, win_ref, ok_ref, idxv_ref, sink_ref, idx_hbm, ent_hbm, o_ref, lse_ref, ids, buf, sem, id_sem):
         gi, qi = pl.program_id(0), pl.program_id(1)
+        # this query's top-k ids: HBM -> SMEM scratch (kp int32; SMEM never holds more than one row)
+        fetch_ids = pltpu.make_async_copy(idx_hbm.at[gi, qi], ids, id_sem)
+        fetch_ids.start()
         q = q_ref[...]  # [H, c]
         sink = sink_ref[...]  # [H, 1]
         s = jnp.where(ok_ref[...] != 0, _logits(q, win_ref[...], scale), -jnp.inf)  # [H, Kw]
         carry = _online((sink, jnp.ones_like(sink), jnp.zeros((h, c), jnp.float32)), s, win_ref[...])
+        fetch_ids.wait()
 
         def chunk(ci, carry):
             base = pl.multiple_of(ci * kb, kb)
@@ -185,7 +189,7 @@ def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, i
                 return pltpu.make_async_copy(ent_hbm.at[gi, pl.ds(row, 1)], buf.at[pl.ds(j, 1)], sem)
 
             def start(j, _):
-                copy(j, jnp.maximum(idx_s[(gi * nq + qi) * kp + base + j], 0)).start()
+                copy(j, jnp.maximum(ids[base + j], 0)).start()
 
             def wait(j, _):
                 copy(j, 0).wait()  # same byte count as the copy it waits for
@@ -200,23 +204,24 @@ def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, i
         o_ref[...] = (acc / l).astype(o_ref.dtype)
         lse_ref[...] = m + jnp.log(l)
 
-    row = lambda *shape: pl.BlockSpec((None, None) + shape, lambda gi, qi, idx: (gi, qi) + (0,) * len(shape))  # noqa
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1, grid=(g, nq),
-        in_specs=[row(h, c),                                                        # q     [H, c]
-                  pl.BlockSpec((None, kw, c), lambda gi, qi, idx: (gi, 0, 0)),      # window slab
-                  row(1, kw),                                                       # mask  [1, Kw]
-                  row(1, kp),                                                       # ids   [1, k]
-                  pl.BlockSpec((None, h, 1), lambda gi, qi, idx: (gi, 0, 0)),       # sink  [H, 1]
-                  pl.BlockSpec(memory_space=pl.ANY)],                            # entries, HBM
-        out_specs=[row(h, c), row(h, 1)],
-        scratch_shapes=[pltpu.VMEM((kb, c), dt), pltpu.SemaphoreType.DMA(())])
+    row = lambda *shape: pl.BlockSpec((None, None) + shape, lambda gi, qi: (gi, qi) + (0,) * len(shape))  # noqa
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
     o, lse = pl.pallas_call(
-        kernel, grid_spec=grid_spec,
+        kernel, grid=(g, nq),
+        in_specs=[row(h, c),                                                        # q     [H, c]
+                  pl.BlockSpec((None, kw, c), lambda gi, qi: (gi, 0, 0)),           # window slab
+                  row(1, kw),                                                       # mask  [1, Kw]
+                  row(1, kp),                                                       # ids   [1, k] (VMEM: validity)
+                  pl.BlockSpec((None, h, 1), lambda gi, qi: (gi, 0, 0)),            # sink  [H, 1]
+                  hbm,                                                              # ids, HBM (-> SMEM rows)
+                  hbm],                                                             # entries, HBM
+        out_specs=[row(h, c), row(h, 1)],
+        scratch_shapes=[pltpu.SMEM((kp,), jnp.int32), pltpu.VMEM((kb, c), dt), pltpu.SemaphoreType.DMA(()),
+                        pltpu.SemaphoreType.DMA(())],
         out_shape=[jax.ShapeDtypeStruct((g, nq, h, c), jnp.float32), jax.ShapeDtypeStruct((g, nq, h, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret, name="csa_sparse_attention_tpu",
-    )(idx_gqk.reshape(-1), q_gqhc, win_gwc, ok_gqw[:, :, None, :], idx_gqk[:, :, None, :], sink_gh[..., None], ent_gnc)
+    )(q_gqhc, win_gwc, ok_gqw[:, :, None, :], idx_gqk[:, :, None, :], sink_gh[..., None], idx_gqk, ent_gnc)
     return o, lse[..., 0]
 
 
