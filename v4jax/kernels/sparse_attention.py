@@ -16,9 +16,10 @@ For one block of Q queries (H heads, head dim c, one shared K = V vector per can
   "pallas_tpu"  Mosaic kernel, grid (sequence, query) with every head of a query in one step (K = V is
                 shared by the heads, so each gathered row is read once for all H). Each step copies its
                 query's k top-k ids from HBM into an SMEM scratch row (k int32: SMEM never holds more);
-                they drive one DMA per selected entry row from HBM into a VMEM buffer of `block_k` rows; window then entry chunks are folded in with an online
-                softmax whose running max starts at the sink (always finite, no NaN for a query with
-                no valid candidate).
+                they drive one DMA per selected entry row from HBM into one of two VMEM buffers of
+                `block_k` rows (double-buffered: the next chunk's rows are in flight while one is used).
+                Window then entry chunks are folded in with an online softmax whose running max starts
+                at the sink (always finite, no NaN for a query with no valid candidate).
   "pallas_gpu"  Triton-style kernel, same grid and online softmax; entry rows are gathered with a
                 masked vector load (`plgpu.load(ref.at[rows], mask=...)`). Heads are padded to a power
                 of two >= 16 and the chunked axes to powers of two >= 16 (Triton block shapes, tl.dot sizes).
@@ -173,31 +174,38 @@ def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, i
 
     def kernel(q_ref, win_ref, ok_ref, idxv_ref, sink_ref, idx_hbm, ent_hbm, o_ref, lse_ref, ids, buf, sem, id_sem):
         gi, qi = pl.program_id(0), pl.program_id(1)
-        # this query's top-k ids: HBM -> SMEM scratch (kp int32; SMEM never holds more than one row)
+
+        def row_copy(slot, j, row):  # one entry row HBM -> buf[slot, j]; all of a slot's copies share sem[slot]
+            return pltpu.make_async_copy(ent_hbm.at[gi, pl.ds(row, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot])
+
+        def start_chunk(ci, slot):
+            base = ci * kb
+            jax.lax.fori_loop(0, kb, lambda j, _: row_copy(slot, j, jnp.maximum(ids[base + j], 0)).start(), None)
+
+        def wait_chunk(slot):  # a wait needs only the byte count: row 0 stands for every row
+            jax.lax.fori_loop(0, kb, lambda j, _: row_copy(slot, j, 0).wait(), None)
+
+        # this query's top-k ids: HBM -> SMEM scratch (kp int32; SMEM never holds more than one row), then
+        # the first chunk's gathers start while the window part is computed
         fetch_ids = pltpu.make_async_copy(idx_hbm.at[gi, qi], ids, id_sem)
         fetch_ids.start()
+        fetch_ids.wait()
+        start_chunk(0, 0)
         q = q_ref[...]  # [H, c]
         sink = sink_ref[...]  # [H, 1]
         s = jnp.where(ok_ref[...] != 0, _logits(q, win_ref[...], scale), -jnp.inf)  # [H, Kw]
         carry = _online((sink, jnp.ones_like(sink), jnp.zeros((h, c), jnp.float32)), s, win_ref[...])
-        fetch_ids.wait()
 
-        def chunk(ci, carry):
-            base = pl.multiple_of(ci * kb, kb)
+        def chunk(ci, carry):  # double-buffered: chunk ci+1's rows are in flight while chunk ci is used
+            slot = ci % 2
 
-            def copy(j, row):
-                return pltpu.make_async_copy(ent_hbm.at[gi, pl.ds(row, 1)], buf.at[pl.ds(j, 1)], sem)
+            @pl.when(ci + 1 < nchunk)
+            def _():
+                start_chunk(ci + 1, 1 - slot)
 
-            def start(j, _):
-                copy(j, jnp.maximum(ids[base + j], 0)).start()
-
-            def wait(j, _):
-                copy(j, 0).wait()  # same byte count as the copy it waits for
-
-            jax.lax.fori_loop(0, kb, start, None)
-            jax.lax.fori_loop(0, kb, wait, None)
-            vals = buf[...]  # [kb, c]
-            valid = idxv_ref[:, pl.ds(base, kb)] >= 0  # [1, kb]
+            wait_chunk(slot)
+            vals = buf[slot]  # [kb, c]
+            valid = idxv_ref[:, pl.ds(pl.multiple_of(ci * kb, kb), kb)] >= 0  # [1, kb]
             return _online(carry, jnp.where(valid, _logits(q, vals, scale), -jnp.inf), vals)
 
         m, l, acc = jax.lax.fori_loop(0, nchunk, chunk, carry)
@@ -216,7 +224,7 @@ def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, i
                   hbm,                                                              # ids, HBM (-> SMEM rows)
                   hbm],                                                             # entries, HBM
         out_specs=[row(h, c), row(h, 1)],
-        scratch_shapes=[pltpu.SMEM((kp,), jnp.int32), pltpu.VMEM((kb, c), dt), pltpu.SemaphoreType.DMA(()),
+        scratch_shapes=[pltpu.SMEM((kp,), jnp.int32), pltpu.VMEM((2, kb, c), dt), pltpu.SemaphoreType.DMA((2,)),
                         pltpu.SemaphoreType.DMA(())],
         out_shape=[jax.ShapeDtypeStruct((g, nq, h, c), jnp.float32), jax.ShapeDtypeStruct((g, nq, h, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
