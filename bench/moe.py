@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import statistics
-import time
 
 import jax
 import jax.extend.core as jex_core
@@ -29,7 +27,7 @@ from v4jax import grouped_matmul
 from v4jax.config import ModelConfig
 from v4jax.moe import Experts, swiglu
 
-from .timing import fmt_s, verdict
+from .timing import fmt_s, time_paired, verdict
 
 SHAPE = dict(d=512, f=256, E=16, k=2)
 T_FULL = (1, 16, 256, 1024, 4096, 16384)
@@ -73,18 +71,6 @@ def _dense_fn():
     return jax.jit(lambda w, x: swiglu(x @ w[0], x @ w[1], limit) @ w[2])
 
 
-def _paired(fa, fb, runs: int) -> tuple[float, float]:
-    """Medians of fa() and fb() called alternately (compile + one warm-up each excluded)."""
-    jax.block_until_ready(fa()), jax.block_until_ready(fb())
-    ta, tb = [], []
-    for _ in range(max(runs, 5)):
-        for f, ts in ((fa, ta), (fb, tb)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f())
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
-
-
 def _pad_ratio(impl: str, idx) -> float:
     """Rows the dispatch computes / useful rows (T*k); 1 for "gather"."""
     if impl != "grouped":
@@ -99,7 +85,7 @@ def measure(t: int, runs: int) -> dict:
     x, r, idx = _routing(t, jax.random.key(t))
     impl = nnx.merge(gd, state).choose("auto", t, SHAPE["k"])
     moe, den = _moe_fn(impl), _dense_fn()
-    t_moe, t_dense = _paired(lambda: moe(state, x, r, idx), lambda: den(dense, x), runs)
+    t_moe, t_dense = time_paired(lambda: moe(state, x, r, idx), lambda: den(dense, x), runs)
     return {"T": t, "impl": impl, "moe_s": t_moe, "dense_s": t_dense, "ratio": t_moe / t_dense,
             "model": _pad_ratio(impl, idx)}
 

@@ -48,6 +48,19 @@ def time_stateful(step, state, runs: int = 5, warmup: int = 1):
     return _summary(ts), state
 
 
+def time_paired(fa, fb, runs: int = 5) -> tuple[float, float]:
+    """Medians of fa() and fb() (zero-argument, outputs blocked on) called alternately, one of each per
+    round (compile + one warm-up each excluded): a shared, noisy CPU then slows both alike."""
+    _block(fa()), _block(fb())
+    ta, tb = [], []
+    for _ in range(max(runs, 5)):
+        for f, ts in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            _block(f())
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def time_calls(call, runs: int = 5, warmup: int = 1) -> dict:
     """Median wall time of a zero-argument callable that blocks by itself (e.g. Engine.decode)."""
     runs = max(runs, 5)

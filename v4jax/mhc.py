@@ -69,10 +69,13 @@ def _sinkhorn_ref(r_jk: jax.Array, iters: int, eps: float) -> jax.Array:
 def hc_mixes(x_btnd: jax.Array, fn: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
     """Flatten the n streams, RMS-normalise (no weight), project with fn -> (mixes [B,T,M], x fp32 [N,n,d])."""
     b, t, n, d = x_btnd.shape
-    x_Nk = x_btnd.reshape(b * t, n * d).astype(jnp.float32)
-    r_N1 = jax.lax.rsqrt(jnp.mean(x_Nk * x_Nk, axis=-1, keepdims=True) + eps)
-    mixes = jnp.einsum("Nk,mk->Nm", x_Nk, fn.astype(jnp.float32), precision=HIGHEST) * r_N1
-    return mixes.reshape(b, t, -1), x_Nk.reshape(b * t, n, d)
+    x_btk = x_btnd.reshape(b, t, n * d).astype(jnp.float32)
+    r_bt1 = jax.lax.rsqrt(jnp.mean(x_btk * x_btk, axis=-1, keepdims=True) + eps)
+    # kept [B, T, k], not flattened to [N, k]: with the flattened form, fn's gradient differed in the last
+    # bits between a 1-device and an 8-device CPU process (XLA:CPU picks another dot split), which broke
+    # bit-identical resume across processes; this form matched
+    mixes = jnp.einsum("btk,mk->btm", x_btk, fn.astype(jnp.float32), precision=HIGHEST) * r_bt1
+    return mixes, x_btk.reshape(b * t, n, d)
 
 
 @jax.custom_vjp
