@@ -45,11 +45,12 @@ def run(quick: bool = False) -> dict:
     T = 256 if quick else 2048
     runs = 9 if quick else 5
     ids = jax.random.randint(jax.random.key(0), (1, T), 2, 500, jnp.int32)
-    fns = {n: _fns(dataclasses.replace(ModelConfig.tiny(), hc_mult=n)) for n in (1, 4)}
-    res = {n: {"hc_params": _extra_hc_params(dataclasses.replace(ModelConfig.tiny(), hc_mult=n))} for n in (1, 4)}
-    for key, which in (("fwd_s", 1), ("fwd_bwd_s", 2)):  # n = 1 and n = 4 interleaved (noisy shared CPU)
-        (p1, *f1), (p4, *f4) = fns[1], fns[4]
-        res[1][key], res[4][key] = time_paired(lambda: f1[which - 1](p1, ids), lambda: f4[which - 1](p4, ids), runs)
+    cfgs = {n: dataclasses.replace(ModelConfig.tiny(), hc_mult=n) for n in (1, 4)}
+    res = {n: {"hc_params": _extra_hc_params(c)} for n, c in cfgs.items()}
+    (p1, fwd1, grad1), (p4, fwd4, grad4) = _fns(cfgs[1]), _fns(cfgs[4])
+    # n = 1 and n = 4 timed interleaved (noisy shared CPU)
+    res[1]["fwd_s"], res[4]["fwd_s"] = time_paired(lambda: fwd1(p1, ids), lambda: fwd4(p4, ids), runs)
+    res[1]["fwd_bwd_s"], res[4]["fwd_bwd_s"] = time_paired(lambda: grad1(p1, ids), lambda: grad4(p4, ids), runs)
     print(f"P6  mHC tiny model, one sequence of T={T} tokens, f32 (no mHC term in the cost model; "
           f"paper: +{PAPER_FUSED:.1%} fused; target <= +{TARGET:.0%} unfused); n=1 and n=4 timed interleaved")
     for k in ("fwd_s", "fwd_bwd_s"):

@@ -9,8 +9,8 @@ Model: equal FLOPs -> ratio 1.0; the "grouped" dispatch computes its padded tile
 rows computed / (T*k) (the tile padding of the actual routing), the gather/scatter of rows not counted.
 
 Decode (T = 1, "gather"): which bytes of the expert weights the computation reads, walked from the jaxpr
-(a gather or dynamic slice of a weight reads its output's bytes, any other use the whole weight): must equal k experts'
-weights exactly; XLA's own "bytes accessed" of the compiled program is shown beside all E experts' bytes.
+(a gather or dynamic slice of a weight reads its output's bytes, any other use the whole weight): must
+equal k experts' weights exactly; XLA's own "bytes accessed" of the compiled program is shown beside all E experts' bytes.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, fixture_dir
-from v4jax import layers, mhc, quant
+from v4jax import layers, quant
 from v4jax.config import ModelConfig
 
 V = np.load(os.path.join(FIXTURES, "quant_vectors.npz"))
@@ -47,14 +47,6 @@ def test_hadamard():
     assert np.all(np.abs(out - ref) <= 1e-5 * np.abs(ref).max(axis=1, keepdims=True))
     h = quant.hadamard_matrix(128)
     np.testing.assert_allclose(h @ h, np.eye(128), atol=1e-6)
-
-
-def test_sinkhorn_split():
-    pre, post, comb = mhc.sinkhorn_split(jnp.asarray(V["sinkhorn_mixes"]), jnp.asarray(V["sinkhorn_scale"]),
-                                            jnp.asarray(V["sinkhorn_base"]), 4, int(V["sinkhorn_iters"]),
-                                            float(V["sinkhorn_eps"]))
-    for got, key in ((pre, "pre"), (post, "post"), (comb, "comb")):
-        assert np.abs(np.asarray(got) - V[f"sinkhorn_{key}"]).max() <= 1e-6
 
 
 @pytest.mark.parametrize("kind,compressed", [("yarn", True), ("plain", False)])
