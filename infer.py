@@ -7,6 +7,10 @@
   python infer.py chat --checkpoint DIR [same options]   interactive; /title /query /action /domain
                         /authority /read_url URL answer quick instructions, /reset, /exit
   python infer.py kv-report --config CONFIG.json --context N [--kv-dtype fp8|bfloat16]
+  python infer.py compile --config CONFIG --topology v6e:2x4 --max-context 1048576 [--kv-dtype fp8]
+                        [--batch B] [--chunk N] [--mesh expert=8] [--dtype bfloat16]
+                        the engine's prefill-chunk and decode steps compiled for a TPU slice (needs
+                        libtpu, no TPU): per-device memory against HBM, fits, compile seconds (JSON)
   python infer.py render --messages MESSAGES.json [--tools TOOLS.json] [--mode ...] [--prompt-texts FILE]
   python infer.py score --checkpoint DIR --tokens TOKENS.npy --out OUT.npz [--prefill N]
                         [--dtype float32|bfloat16] [--qat-sim] [--mesh data=2,tensor=2]
@@ -66,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--context", type=int, required=True)
     k.add_argument("--kv-dtype", choices=("fp8", "bfloat16", "float32"), default="bfloat16")
 
+    c = sub.add_parser("compile", help="compile the decode steps for a TPU slice; print the memory plan (JSON)")
+    c.add_argument("--config", required=True, help="config.json, a directory holding one, or a configs/ name")
+    c.add_argument("--topology", required=True, help="TPU slice, e.g. v5p:2x2x1, v6e:2x4")
+    c.add_argument("--max-context", type=int, required=True, dest="max_context")
+    c.add_argument("--kv-dtype", choices=("fp8", "bfloat16", "float32"), default=None, dest="kv_dtype")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--chunk", type=int, default=2048, help="prefill chunk length")
+    c.add_argument("--mesh", default=None, help="default: every device on the expert axis")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                   help="compute and parameter dtype (default bfloat16)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model run-time key, e.g. attention_kernel=pallas_tpu, moe_kernel=megablox")
+
     r = sub.add_parser("render", help="print the prompt text of a conversation")
     r.add_argument("--messages", required=True, help="JSON list of messages (or {messages, tools})")
     r.add_argument("--tools", default=None)
@@ -101,16 +118,40 @@ def cmd_score(args) -> int:
 def cmd_kv_report(args) -> int:
     import json
 
-    from v4jax.config import CONFIG_DIR, ModelConfig
+    from v4jax.config import ModelConfig
     from v4jax.serving import kv_report
 
-    path = args.config
-    if not os.path.exists(path) and os.path.exists(os.path.join(CONFIG_DIR, path + ".json")):
-        path = os.path.join(CONFIG_DIR, path + ".json")
-    cfg = ModelConfig.from_hub(path)
+    cfg = ModelConfig.from_hub(_config_path(args.config))
     if not 0 < args.context <= cfg.max_position_embeddings:
         raise ValueError(f"--context must be within 1..{cfg.max_position_embeddings}, got {args.context}")
     print(json.dumps(kv_report(cfg, args.context, args.kv_dtype), indent=1))
+    return 0
+
+
+def _config_path(name: str) -> str:
+    from v4jax.config import CONFIG_DIR
+    if not os.path.exists(name) and os.path.exists(os.path.join(CONFIG_DIR, name + ".json")):
+        return os.path.join(CONFIG_DIR, name + ".json")
+    return name
+
+
+def cmd_compile(args) -> int:
+    import json
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the topology API beside the CPU backend, no TPU runtime
+    from v4jax import aot, engine
+    from v4jax.config import ModelConfig, parse_runtime
+
+    devices = aot.tpu_devices(args.topology)
+    cfg = ModelConfig.from_hub(_config_path(args.config), dtype=args.dtype, param_dtype=args.dtype,
+                               **parse_runtime(args.set))
+    if not 0 < args.max_context <= cfg.max_position_embeddings:
+        raise ValueError(f"--max-context must be within 1..{cfg.max_position_embeddings}, got {args.max_context}")
+    mesh = aot.mesh_for(args.mesh, devices, prefer=("expert",))
+    plan = engine.compile_plan(cfg, devices, mesh, args.max_context, args.kv_dtype, args.batch, args.chunk)
+    print(json.dumps({"topology": args.topology, "config": args.config, "mesh": dict(mesh.shape),
+                      "max_context": args.max_context, "kv_dtype": args.kv_dtype or args.dtype, "batch": args.batch,
+                      **{k: aot.public(v) for k, v in plan.items()}}, indent=1))
     return 0
 
 
@@ -237,13 +278,16 @@ def load_model(path: str, mesh=None, **runtime):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd == "compile":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax is first imported
+    from v4jax.aot import AOTError
     from v4jax.checkpoint import CheckpointError
     from v4jax.config import ConfigError
 
     try:
         return {"score": cmd_score, "generate": cmd_generate, "chat": cmd_chat, "kv-report": cmd_kv_report,
-                "render": cmd_render}[args.cmd](args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
+                "render": cmd_render, "compile": cmd_compile}[args.cmd](args)
+    except (AOTError, CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,13 @@
                   [--steps N] [--batch B] [--seq-len S] [--out DIR] [--save-every N]
                   [--mesh data=A,fsdp=B,expert=C,tensor=D] [--data PATH] [--tokenizer tokenizer.json]
 
+Ahead-of-time compilation for a TPU slice, on any machine with libtpu installed (no TPU needed):
+  python train.py --compile-only --topology v5p:2x2x1 [--mesh fsdp=2,expert=2] [the usual flags]
+builds this run's train step on the described slice with abstract parameters (nothing allocated),
+compiles it with the TPU compiler and prints one JSON object: chips, mesh, per-device argument /
+output / temporary bytes against the chip's HBM, fits, compile seconds, compiled vs analytic FLOPs.
+Without --mesh every device goes on the fsdp axis.
+
 Running again with the same --out resumes from its latest checkpoint. Every setting of
 `v4jax.trainer.RunConfig` can come from the TOML file or --set; flags win over both.
 Multi-host (TPU pods, several GPU hosts, or several CPU processes): run the same command on every host
@@ -33,11 +40,16 @@ def main(argv=None) -> int:
     ap.add_argument("--data")
     ap.add_argument("--tokenizer")
     ap.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    ap.add_argument("--compile-only", action="store_true", dest="compile_only",
+                    help="compile the train step for --topology and print its memory plan (JSON); no training")
+    ap.add_argument("--topology", help="TPU slice for --compile-only, e.g. v5p:2x2x1, v6e:2x4 (needs libtpu)")
     env = lambda k, typ=str: typ(os.environ[k]) if os.environ.get(k) else None
     ap.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
     ap.add_argument("--num-processes", type=int, dest="num_processes", default=env("JAX_NUM_PROCESSES", int))
     ap.add_argument("--process-id", type=int, dest="process_id", default=env("JAX_PROCESS_ID", int))
     args = ap.parse_args(argv)
+    if args.compile_only:
+        return compile_only(args)
     import jax
     if args.distributed:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -61,6 +73,30 @@ def main(argv=None) -> int:
             print("sample: skipped in a multi-process run (load the checkpoint with infer.py)")
     elif rc.sample_tokens:
         print("sample:", repr(sample_text(trainer.model(), trainer.tokenizer, "def ", rc.sample_tokens)))
+    return 0
+
+
+def compile_only(args) -> int:
+    """--compile-only: the run's train step compiled for a TPU slice -> one JSON object on stdout."""
+    import json
+    if not args.topology:
+        print("error: --compile-only needs --topology (e.g. v5p:2x2x1)", file=sys.stderr)
+        return 2
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the topology API beside the CPU backend, no TPU runtime
+    from v4jax import aot
+    from v4jax.checkpoint import CheckpointError
+    from v4jax.config import ConfigError
+    from v4jax.trainer import RunConfig, Trainer
+    try:
+        devices = aot.tpu_devices(args.topology)
+        rc = RunConfig.load(args.run, args.set, config=args.config, steps=args.steps, batch=args.batch,
+                            seq_len=args.seq_len, mesh=args.mesh, tokenizer=args.tokenizer)
+        rc.mesh = ",".join(f"{k}={v}" for k, v in aot.mesh_for(rc.mesh, devices).shape.items())
+        rep = Trainer(rc, devices=devices, abstract=True).compile_plan()
+    except (aot.AOTError, ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"topology": args.topology, "config": rc.config, **aot.public(rep)}, indent=1))
     return 0
 
 

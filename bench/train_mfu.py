@@ -42,6 +42,7 @@ from flax import nnx
 from v4jax import optim
 from v4jax import training as T
 from v4jax.config import ModelConfig
+from v4jax.flops import matmul_params, step_flops
 from v4jax.model import abstract, build, count_params
 
 from .timing import fmt_s, time_fn, time_stateful, verdict
@@ -71,55 +72,6 @@ def measured_matmul_peak(dtype, n: int) -> float:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=dtype))
     return 2 * n ** 3 / time_fn(f, a, a, runs=5)["median_s"]
-
-
-# ------------------------------------------------------------------------------------ FLOP count
-def attn_fwd_flops(kind: str, S: int, n_heads: int, head_dim: int, *, m=4, m_hca=128, topk=512, window=128,
-                   idx_heads=64, idx_dim=128) -> float:
-    """Forward attention-core FLOPs of one layer over a causal sequence of S tokens (perf_model.layer_prefill_flops)."""
-    per_pair = 4 * n_heads * head_dim  # QK + PV on the shared K = V vector
-    if kind == "dense":
-        return per_pair * S * S / 2
-    win = S * window - window * window / 2 if S > window else S * S / 2
-    if kind == "swa":
-        return per_pair * win
-    if kind == "hca":
-        return per_pair * (S * S / (2 * m_hca) + win)
-    if kind == "csa":
-        idx = 2 * idx_heads * idx_dim * S * S / (2 * m)
-        comp = S * S / (2 * m) if S <= topk * m else topk * S - topk * topk * m / 2  # sum_t min(k, t/m)
-        return idx + per_pair * (comp + win)
-    raise ValueError(kind)
-
-
-def matmul_params(cfg) -> int:
-    """N_mm: parameters multiplied per token (see the module docstring)."""
-    n = 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract(cfg), nnx.Param)):
-        role, size = var.get_metadata().get("role"), int(var.size)
-        if role == "matrix":
-            n += size
-        elif role == "expert":
-            n += size * cfg.num_experts_per_tok // cfg.n_routed_experts
-        elif role == "head":
-            n += size * (1 + cfg.n_mtp)
-    return n
-
-
-def step_flops(cfg, S: int, n_seq: int) -> dict:
-    layers = list(range(cfg.num_hidden_layers + cfg.n_mtp))
-    kw = dict(n_heads=cfg.num_attention_heads, head_dim=cfg.head_dim, topk=cfg.index_topk,
-              window=cfg.sliding_window, idx_heads=cfg.index_n_heads, idx_dim=cfg.index_head_dim)
-    v4 = dense = 0.0
-    for i in layers:
-        r = cfg.compress_ratios[i]
-        kind = "swa" if r == 0 else ("csa" if r == 4 else "hca")
-        v4 += attn_fwd_flops(kind, S, m=4, m_hca=max(r, 1), **kw)
-        dense += attn_fwd_flops("dense", S, **kw)
-    n_mm = matmul_params(cfg)
-    mm = 6.0 * n_mm * S * n_seq
-    return {"n_mm": n_mm, "matmul": mm, "attn_v4": 3 * v4 * n_seq, "attn_dense": 3 * dense * n_seq,
-            "total": mm + 3 * v4 * n_seq, "maxtext_total": mm + 3 * dense * n_seq}
 
 
 # ------------------------------------------------------------------------------------ the step

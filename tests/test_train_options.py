@@ -129,11 +129,11 @@ def test_fp8_linear_forward_is_the_dequantised_matmul(small):
     assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-4
     # which projections take part (spec §10): not the compressors' wkv/wgate, not the indexer's weights_proj
     m = M.abstract(cfg)
-    attn = m.layers[0].attn
+    attn = m.block(0).attn
     assert attn.wq_a.qat_fp8 and attn.wkv.qat_fp8 and attn.wo_b.qat_fp8 and attn.indexer.wq_b.qat_fp8
-    assert m.layers[0].ffn.shared_experts.w1.qat_fp8 and m.mtp[0].e_proj.qat_fp8
+    assert m.block(0).ffn.shared_experts.w1.qat_fp8 and m.mtp[0].e_proj.qat_fp8
     assert not (attn.compressor.wkv.qat_fp8 or attn.compressor.wgate.qat_fp8 or attn.indexer.weights_proj.qat_fp8)
-    assert not M.abstract(ModelConfig.from_hub(small)).layers[0].attn.wq_a.qat_fp8
+    assert not M.abstract(ModelConfig.from_hub(small)).block(0).attn.wq_a.qat_fp8
 
 
 def test_fp4_experts_forward_uses_the_mxfp4_weights(small):
@@ -184,7 +184,7 @@ class _LossStub:
     def __init__(self, vocab=300, experts=8, k=2):
         self.cfg = SimpleNamespace(num_hidden_layers=1, n_mtp=1, n_routed_experts=experts, num_experts_per_tok=k)
         block = SimpleNamespace(ffn=SimpleNamespace(gate=SimpleNamespace(is_hash=False)))
-        self.layers, self.mtp = [block], [block]
+        self.stack, self.mtp = [[block]], [block]  # one segment of one slot with one row
         rng = np.random.default_rng(7)
         self.emb, self.emb2, self.route = (jnp.asarray(rng.standard_normal(s), jnp.float32)
                                            for s in ((vocab, vocab), (vocab, vocab), (vocab, experts)))
@@ -196,7 +196,9 @@ class _LossStub:
                 "indexer_kl": jnp.mean(jnp.mean(self.kl[tok], axis=1))}
 
     def __call__(self, tok, positions, segment_ids, stale_routers):
-        return {"logits": self.emb[tok], "streams": self.emb2[tok], "aux": [self._aux(tok)]}
+        aux = self._aux(tok)
+        return {"logits": self.emb[tok], "streams": self.emb2[tok], "aux": [aux],
+                "aux_stacked": [[jax.tree.map(lambda a: a[None], aux)]]}
 
     def mtp_logits(self, streams, nxt, positions, segment_ids, stale_router):
         return streams + self.emb[nxt], None, self._aux(nxt)

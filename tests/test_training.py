@@ -18,6 +18,7 @@ from flax import nnx
 
 from conftest import FIXTURES
 from v4jax import model as M
+from v4jax import stack
 from v4jax import training as T
 from v4jax.checkpoint import CheckpointError
 from v4jax.config import ModelConfig
@@ -112,18 +113,18 @@ def single_device_losses(tmp_path_factory):
 def test_bias_balancing_reduces_imbalance():
     cfg = ModelConfig.from_hub(CONFIG)
     model = M.build(cfg)
-    gate = T.routed_layers(model)[0]
-    gate.weight[...] = gate.weight[...].at[0].add(0.05)  # expert 0 is favoured by every token
+    slot = T.routed_layers(model)[0]  # the stacked gate of a one-row segment: weight [1, E, d]
+    slot.weight[...] = slot.weight[...].at[0, 0].add(0.05)  # expert 0 is favoured by every token
     x = jax.random.normal(jax.random.key(0), (512, cfg.dim)) + 0.5
 
     def imbalance():
-        _, idx, _ = gate(x, jnp.zeros((512,), jnp.int32))
+        _, idx, _ = stack.row_view(slot, 0)(x, jnp.zeros((512,), jnp.int32))
         c = jnp.bincount(idx.reshape(-1), length=cfg.n_routed_experts)
         return float(c.max() / c.mean()), c
 
     before, _ = imbalance()
     for _ in range(100):
-        T.update_balance_biases(model, [imbalance()[1].astype(jnp.float32)] + [jnp.ones(8)] * 9, 0.01)
+        T.update_balance_biases(model, [imbalance()[1][None].astype(jnp.float32)] + [jnp.ones(8)] * 9, 0.01)
     after, _ = imbalance()
     assert before > 3.0 and after < 0.5 * before, (before, after)
 

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -114,27 +115,44 @@ def canonical_name(name: str) -> str:
 _HC = re.compile(r"(^|\.)(hc_attn|hc_ffn|hc_head)\.(fn|base|scale)$")
 
 
-def param_path_to_names(path: tuple, shape: tuple) -> list[tuple[str, int | None]]:
-    """Model state path -> checkpoint names [(name, expert index or None)]."""
+def param_path_to_names(path: tuple, shape: tuple, plan=()) -> list[tuple[str, tuple[int, ...]]]:
+    """Model state path -> checkpoint names [(name, index into the leading stacked dims)].
+
+    `stack.s.j.<rest>` [R, ...] (the scanned layer stack, `plan` = the model's `layer_plan`) holds
+    `layers.<plan[s].layer(j, r)>.<rest>` at row r; routed experts `...experts.w1` [(R,) E, ...] hold
+    `...experts.<e>.w1.weight` at index e."""
+    rows = [("", ())]
+    if path[0] == "stack":
+        seg, j = plan[int(path[1])], int(path[2])
+        rows = [(f"layers.{seg.layer(j, r)}.", (r,)) for r in range(seg.reps)]
+        path = path[3:]
     dotted = ".".join(str(p) for p in path)
-    if ".experts.w" in dotted:  # stacked routed experts: layers.i.ffn.experts.w1 -> per-expert tensors
+    if ".experts.w" in dotted:  # stacked routed experts: ffn.experts.w1 -> per-expert tensors
         head, w = dotted.rsplit(".", 1)
-        return [(f"{head}.{e}.{w}.weight", e) for e in range(shape[0])]
+        n_experts = shape[len(rows[0][1])]
+        return [(f"{pre}{head}.{e}.{w}.weight", idx + (e,)) for pre, idx in rows for e in range(n_experts)]
     m = _HC.search(dotted)
     if m:
-        return [(dotted[: m.start(2)] + f"{m.group(2)}_{m.group(3)}", None)]
-    return [(dotted, None)]
+        dotted = dotted[: m.start(2)] + f"{m.group(2)}_{m.group(3)}"
+    return [(pre + dotted, idx) for pre, idx in rows]
 
 
-def expected_tensors(model_or_cfg) -> dict[str, tuple[tuple, int | None, tuple]]:
-    """canonical checkpoint name -> (model path, expert index, logical (dequantised) shape)."""
+def expected_tensors(model_or_cfg) -> dict[str, tuple[tuple, tuple[int, ...], tuple]]:
+    """canonical checkpoint name -> (model path, index into its stacked dims, tensor shape)."""
     model = abstract(model_or_cfg) if isinstance(model_or_cfg, ModelConfig) else model_or_cfg
     table = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
         shape = tuple(var.shape)
-        for name, e in param_path_to_names(path, shape):
-            table[name] = (path, e, shape[1:] if e is not None else shape)
+        for name, idx in param_path_to_names(path, shape, model.plan):
+            table[name] = (path, idx, shape[len(idx):])
     return table
+
+
+def hub_tensors(model: Transformer) -> dict[str, np.ndarray]:
+    """The model's tensors under their checkpoint names, as host arrays of the parameter dtype (the
+    inverse of `load_hub`'s mapping; scale-free: what a bf16/fp32 hub checkpoint holds)."""
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
+    return {name: np.asarray(flat[p].get_value()[idx]) for name, (p, idx, _) in expected_tensors(model).items()}
 
 
 # -------------------------------------------------------------------- decoding one tensor
@@ -183,7 +201,7 @@ def load_hub(path: str, cfg: ModelConfig | None = None, mesh=None, **runtime) ->
     if mesh is None:
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "fsdp", "expert", "tensor"))
     shardings = state_shardings(abs_state, mesh)
-    by_path: dict[tuple, list[tuple[str, int | None]]] = {}
+    by_path: dict[tuple, list[tuple[str, tuple[int, ...]]]] = {}
     for name, (p, e, _) in table.items():
         by_path.setdefault(p, []).append((name, e))
 
@@ -207,22 +225,25 @@ def _check_names(st: SafetensorsDir, table: dict):
 
 
 def _build_array(st: SafetensorsDir, names, var, sharding) -> jax.Array:
+    """One model array from its checkpoint tensors: `names` [(name, index into the leading stacked
+    dims)]; each device shard reads only the tensors (layers, experts) and the slice it holds."""
     shape, dtype = tuple(var.shape), var.dtype
-    names = sorted(names, key=lambda x: x[1] or 0)
-    stacked = names[0][1] is not None
+    lead = len(names[0][1])
+    by_index = {idx: name for name, idx in names}
     cache: dict[str, np.ndarray] = {}
 
-    def tensor(name, want):
+    def tensor(name):
         if name not in cache:
             cache.clear()  # keep at most one decoded tensor in host memory
-            cache[name] = decode_tensor(st, name, want)
+            cache[name] = decode_tensor(st, name, shape[lead:])
         return cache[name]
 
     def callback(index):
-        if not stacked:
-            return np.asarray(tensor(names[0][0], shape)[index]).astype(dtype)
-        experts = range(*index[0].indices(shape[0]))
-        parts = [tensor(names[e][0], shape[1:])[index[1:]] for e in experts]
-        return np.stack(parts).astype(dtype)
+        if not lead:
+            return np.asarray(tensor(names[0][0])[index]).astype(dtype)
+        ranges = [range(*index[k].indices(shape[k])) for k in range(lead)]
+        parts = [tensor(by_index[idx])[index[lead:]] for idx in itertools.product(*ranges)]
+        out_shape = tuple(len(r) for r in ranges) + parts[0].shape
+        return np.stack(parts).reshape(out_shape).astype(dtype)
 
     return jax.make_array_from_callback(shape, sharding, callback)

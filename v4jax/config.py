@@ -6,8 +6,9 @@ honours every key that changes the network and rejects contradictory or unsuppor
 `use_cache`, ...) are ignored.
 
 Run-time choices that are not part of the checkpoint (compute dtype, QAT simulation, attention block
-size, MoE dispatch, quantisation-aware training) live in the same dataclass under `dtype`, `qat_sim`,
-`attn_block`, `moe_impl`, `moe_kernel`, `qat_fp8_linear`, `qat_fp4_experts`, and are changed with `dataclasses.replace`
+size, MoE dispatch, quantisation-aware training, the layer scan and its rematerialisation) live in the
+same dataclass under `dtype`, `qat_sim`, `attn_block`, `moe_impl`, `moe_kernel`, `qat_fp8_linear`,
+`qat_fp4_experts`, `scan_layers`, `remat`, and are changed with `dataclasses.replace`
 or `cfg.with_runtime(...)`.
 
 `attention_kernel` (run-time too) picks who computes CSA's sparse branch (window + gathered top-k
@@ -94,6 +95,8 @@ class ModelConfig:
     csa_mode: str = "sparse"  # "dense": CSA attends to every causal entry (first phase of the training recipe)
     indexer_loss: bool = False  # compute the indexer's KL toward the main attention (detached inputs)
     attention_kernel: str = "jnp"  # CSA sparse branch: "jnp" | "pallas_tpu" | "pallas_gpu" (module doc)
+    scan_layers: bool = True  # layers of one kind under one lax.scan (v4jax.stack); False: one per layer
+    remat: str = "none"  # "layer": each scanned layer recomputed in the backward (only its input kept)
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -206,7 +209,8 @@ class ModelConfig:
         need(self.attention_kernel in ("jnp", "pallas_tpu", "pallas_gpu"), "attention_kernel",
              f"unknown '{self.attention_kernel}' (one of jnp, pallas_tpu, pallas_gpu)")
         need(self.expert_dtype in (None, "fp4", "fp8", "bf16"), "expert_dtype", f"unknown '{self.expert_dtype}'")
-        for key in ("qat_sim", "qat_fp8_linear", "qat_fp4_experts"):
+        need(self.remat in ("none", "layer"), "remat", f"unknown '{self.remat}' (none or layer)")
+        for key in ("qat_sim", "qat_fp8_linear", "qat_fp4_experts", "scan_layers"):
             need(isinstance(getattr(self, key), bool), key, f"must be true or false, got {getattr(self, key)!r}")
 
     # ---- serialisation -------------------------------------------------------------------------
@@ -238,6 +242,32 @@ class ModelConfig:
                                  "original_max_position_embeddings": self.rope_original_max_position,
                                  "beta_fast": self.rope_beta_fast, "beta_slow": self.rope_beta_slow}
         return d
+
+
+RUNTIME_KEYS = ("dtype", "param_dtype", "qat_sim", "qat_fp8_linear", "qat_fp4_experts", "attn_block", "moe_impl",
+                "moe_kernel", "moe_capacity_factor", "csa_mode", "indexer_loss", "attention_kernel", "scan_layers",
+                "remat")
+
+
+def parse_runtime(items) -> dict:
+    """["attention_kernel=pallas_tpu", "attn_block=64", ...] -> ModelConfig run-time fields (typed)."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in RUNTIME_KEYS:
+            raise ConfigError(f"--set {item}: expected key=value with key one of {', '.join(RUNTIME_KEYS)}")
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, (int, float)):
+            try:
+                out[key] = type(default)(text)
+            except ValueError:
+                raise ConfigError(f"--set {item}: '{text}' is not a number") from None
+        else:
+            out[key] = text
+    return out
 
 
 # Hub keys that carry no information for v4jax (descriptive, or about other frameworks).

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .sampling import SamplingConfig, sample
 from .scoring import check_tokens
@@ -375,3 +377,44 @@ class Engine:
         self.state = tdef.unflatten(new)
         self.pos[b] = int(row["pos"])
         self.pend_h = self.pend_h.at[b].set(jnp.asarray(row["pend_h"], self.pend_h.dtype))
+
+
+# ------------------------------------------------------------------------------ ahead-of-time plan
+def compile_plan(cfg, devices, mesh, max_context: int, kv_layout: str | None = None, batch: int = 1,
+                 chunk: int = 2048) -> dict:
+    """The engine's prefill-chunk and decode steps compiled for `mesh` (abstract TPU devices from
+    `aot.tpu_devices`, or real ones) with abstract parameters and a decode state for `batch` x
+    `max_context` tokens (nothing allocated) -> {"prefill": report, "decode": report} (`aot`).
+
+    Shardings are the engine's: parameters by the rules table (as `checkpoint.load_hub` places
+    them), the decode state and per-row inputs batch-first over (data, fsdp). Both steps are compiled
+    at the largest bucket (a step at full context reads every entry row)."""
+    from . import aot
+    from .model import abstract
+    from .sharding import state_shardings
+
+    model = abstract(cfg)
+    graphdef, params = nnx.split(model)
+    sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+    params = jax.tree.map(sds, params, state_shardings(params, mesh))
+    leaves, ptree = jax.tree.flatten(params)
+    by_batch = lambda x: sds(x, batch_sharding(mesh, x.shape))  # noqa: E731
+    state = jax.tree.map(by_batch, jax.eval_shape(lambda: model.init_state(batch, max_context, kv_layout)))
+    pend = by_batch(jax.ShapeDtypeStruct((batch, cfg.hc_mult, cfg.dim), jnp.dtype(cfg.dtype)))
+    row = lambda *shape: by_batch(jax.ShapeDtypeStruct((batch,) + shape, jnp.int32))  # noqa: E731
+    ratios = tuple(cfg.compress_ratios[: cfg.num_hidden_layers + cfg.n_mtp])
+    repl = lambda x: sds(x, NamedSharding(mesh, P()))  # noqa: E731
+    f32, i32 = repl(jax.ShapeDtypeStruct((), jnp.float32)), repl(jax.ShapeDtypeStruct((), jnp.int32))
+    knobs = (f32, i32, f32, i32)  # temperature, top_k, top_p, vocab_limit
+    key = repl(jax.eval_shape(lambda: jax.random.key(0)))
+    ctl = repl(jax.ShapeDtypeStruct((3, batch), jnp.int32))
+    chunk = min(chunk, max_context)
+    out = {}
+    with jax.set_mesh(mesh):
+        prefill = _prefill_fn(graphdef, ptree, ratios, max_context, bool(cfg.n_mtp))
+        out["prefill"] = aot.compile_report(prefill.lower(leaves, row(chunk), row(), row(), state, pend), devices)
+        decode = _decode_fn(graphdef, ptree, ratios, max_context)
+        out["decode"] = aot.compile_report(decode.lower(leaves, ctl, state, pend, key, *knobs), devices)
+    for name, n_tok in (("prefill", chunk * batch), ("decode", batch)):
+        out[name].update(tokens_per_call=n_tok)
+    return out

@@ -1,8 +1,10 @@
 """The DeepSeek-V4 network (spec §2, §9): embed -> 4 mHC streams -> blocks -> HC head -> norm -> head,
 plus the multi-token-prediction block.
 
-Module attribute paths mirror the released checkpoint names (`layers.3.attn.wq_a.weight`, ...);
-`checkpoint.py` holds the few renames (stacked experts, `hc_attn_fn` vs `hc_attn.fn`).
+The main layers live in `stack` (see `v4jax.stack`): segment s, slot j holds the parameters of all
+its rows stacked, `stack.2.1.attn.wq_a.weight` [R, ...] row r = layer `plan[2].layer(1, r)`. Below a
+block, attribute paths mirror the released checkpoint names (`layers.3.attn.wq_a.weight`, ...);
+`checkpoint.py` maps between the two and holds the few renames (stacked experts, `hc_attn_fn`).
 
 Everything stateful is explicit: `Transformer.__call__(ids, start, state)` returns the new decode
 state; with `state=None` it is the stateless training / full-sequence forward. Jitted callers use the
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import stack
 from .attention import Attention
 from .config import ModelConfig
 from .layers import HIGHEST, BalanceBias, HyperConnection, HyperHead, Keys, Linear, RMSNorm, param
@@ -67,11 +70,26 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         v, d = cfg.vocab_size, cfg.dim
         self.embed = Embedding(cfg, rngs)
-        self.layers = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)])
+        blocks = [Block(cfg, i, rngs) for i in range(cfg.num_hidden_layers)]  # created in layer order (init keys)
+        self.plan = stack.layer_plan(cfg, cfg.scan_layers)
+        self.stack = nnx.List([stack.stack_modules(blocks, seg) for seg in self.plan])
+        del blocks
         self.norm = RMSNorm(d, cfg.rms_norm_eps, cfg.param_dtype)
         self.head = Linear(cfg, d, v, ("vocab", "embed"), rngs, role="head")
         self.hc_head = HyperHead(cfg, rngs)
         self.mtp = nnx.List([MTPBlock(cfg, cfg.num_hidden_layers + i, rngs) for i in range(cfg.n_mtp)])
+
+    # ---------------------------------------------------------------- layers
+    def layer_index(self) -> list[tuple[int, int, int]]:
+        """(segment, slot, row) of every main layer, in layer order."""
+        where = {seg.layer(j, r): (s, j, r) for s, seg in enumerate(self.plan)
+                 for j in range(seg.period) for r in range(seg.reps)}
+        return [where[i] for i in range(self.cfg.num_hidden_layers)]
+
+    def block(self, layer: int) -> Block:
+        """Main layer `layer` as a Block of its own (row views of the stacked parameters)."""
+        s, j, r = self.layer_index()[layer]
+        return stack.row_view(self.stack[s][j], r)
 
     # ---------------------------------------------------------------- state
     def init_state(self, batch: int, context: int, kv_layout: str | None = None) -> dict:
@@ -79,7 +97,8 @@ class Transformer(nnx.Module):
 
         `kv_layout`: None keeps KV rows in the compute dtype; "bfloat16" or "fp8" (see kvstore)."""
         dt = jnp.dtype(self.cfg.dtype)
-        return {"layers": [blk.attn.empty_state(batch, context, dt, kv_layout) for blk in self.layers],
+        slots = [self.stack[s][j].attn for s, j, _ in self.layer_index()]  # static shapes: any row will do
+        return {"layers": [a.empty_state(batch, context, dt, kv_layout) for a in slots],
                 "mtp": [blk.attn.empty_state(batch, context, dt, kv_layout) for blk in self.mtp]}
 
     # ---------------------------------------------------------------- forward
@@ -94,31 +113,67 @@ class Transformer(nnx.Module):
 
         Packed training passes `positions` and `segment_ids` [B, T] instead (see Attention).
         `inputs_embeds` [B, T, d] replaces the embedding lookup (hash routing still reads ids).
-        `stale_routers[i]` = (gate weight, bias) of layer i from Δt steps earlier, or None (anticipatory routing).
+        `stale_routers[s][j]` = (gate weight [R, E, d], bias [R, E]) of segment s, slot j from Δt steps
+        earlier, or None (anticipatory routing; see `stack`).
         `valid_b` [B]: only the first valid_b[b] tokens of row b enter the state (unequal decode chunks);
         `logits_at` [B]: compute logits only at that chunk index per row -> logits [B, 1, V].
         `context_limit` (static int): all positions are below it; attention reads only the entries
-        such a context can have (decode cost follows the context, not the preallocated buffers)."""
+        such a context can have (decode cost follows the context, not the preallocated buffers).
+
+        aux: a list with one dict per main layer; `aux_stacked[s][j]`: the same, stacked per segment
+        slot ([R, ...], what the training losses read). With `state=None` the layers run scanned."""
         b, t = ids_bt.shape
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)
         x = self.embed(ids_bt) if inputs_embeds is None else inputs_embeds
         x = jnp.broadcast_to(x[:, :, None, :], (b, t, self.cfg.hc_mult, x.shape[-1]))
-        new_states, auxes, hidden = [], [], []
-        for i, blk in enumerate(self.layers):
-            fi = None if stale_routers is None else stale_routers[i]
-            x, st, aux = blk(x, ids_bt, start_b, None if state is None else state["layers"][i], fi, positions,
-                             segment_ids, valid_b, context_limit)
-            new_states.append(st)
-            auxes.append(aux)
-            if collect:
-                hidden.append(x)
+        args = (ids_bt, start_b, positions, segment_ids, valid_b, context_limit)
+        if state is None:
+            x, aux_stacked, hidden = self._scanned(x, args, stale_routers, collect)
+            new_states = None
+        else:
+            x, aux_stacked, hidden, new_states = self._stepped(x, args, state, stale_routers)
+        aux = [jax.tree.map(lambda a: a[r], aux_stacked[s][j]) for s, j, r in self.layer_index()]
         xl = x if logits_at is None else jnp.take_along_axis(x, logits_at[:, None, None, None], axis=1)
-        out = {"logits": self.logits(xl, self.hc_head, self.norm), "streams": x, "aux": auxes,
+        out = {"logits": self.logits(xl, self.hc_head, self.norm), "streams": x, "aux": aux,
+               "aux_stacked": aux_stacked,
                "state": {"layers": new_states, "mtp": None if state is None else state["mtp"]}}
         if collect:
             out["hidden"] = hidden
         return out
+
+    def _scanned(self, x, args, stale_routers, collect):
+        """Every segment as one scan over its rows -> (x, aux_stacked, hidden per layer or None)."""
+        ids_bt, start_b, pos, seg_ids, valid_b, limit = args
+
+        def body(blk, x, j, stale):
+            x, _, aux = blk(x, ids_bt, start_b, None, stale, pos, seg_ids, valid_b, limit)
+            return x, (aux, x if collect else None)
+
+        aux_stacked, hs = [], {}
+        for s, (seg, slots) in enumerate(zip(self.plan, self.stack)):
+            stale = stale_routers[s] if stale_routers is not None else [None] * seg.period
+            x, outs = stack.run_segment(slots, x, body, stale, remat=self.cfg.remat == "layer")
+            aux_stacked.append([o[0] for o in outs])
+            for j, (_, h) in enumerate(outs):
+                for r in range(seg.reps):
+                    hs[seg.layer(j, r)] = None if h is None else h[r]
+        return x, aux_stacked, [hs[i] for i in range(len(hs))] if collect else None
+
+    def _stepped(self, x, args, state, stale_routers):
+        """The layers one by one on row views (each updates its own decode state in place)."""
+        ids_bt, start_b, pos, seg_ids, valid_b, limit = args
+        new_states, hidden = [], []
+        aux_rows = [[[None] * seg.reps for _ in range(seg.period)] for seg in self.plan]
+        for i, (s, j, r) in enumerate(self.layer_index()):
+            st = None if stale_routers is None or stale_routers[s][j] is None else \
+                jax.tree.map(lambda a: a[r], stale_routers[s][j])
+            x, new, aux = self.block(i)(x, ids_bt, start_b, state["layers"][i], st, pos, seg_ids, valid_b, limit)
+            new_states.append(new)
+            hidden.append(x)
+            aux_rows[s][j][r] = aux
+        aux_stacked = [[jax.tree.map(lambda *a: jnp.stack(a), *rows) for rows in slot_rows] for slot_rows in aux_rows]
+        return x, aux_stacked, hidden, new_states
 
     def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0, positions=None,
                    segment_ids=None, stale_router=None, valid_b=None, context_limit=None):

@@ -2,6 +2,7 @@
 
 Groups are chosen by each parameter's `role` metadata (set where it is created, see `layers.param`),
 never by name: "matrix" [out, in] and "expert" [E, out, in] -> Muon; "vector", "embed", "head" -> AdamW.
+Parameters of the scanned layer stack carry leading "layers" axes ([R, out, in]): one matrix per row.
 
 Muon, for every matrix W [n, m] (each expert slice of an [E, n, m] tensor on its own), step t:
 
@@ -37,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from .stack import n_layer_axes
 
 # DeepSeek-V4 hybrid Newton-Schulz schedule: 8 fast-converging quintic steps, then 2 steps of
 # f(x) = 2x - 1.5x^3 + 0.5x^5 (f(1) = 1, f'(1) = 0), which pull the singular values onto 1.
@@ -106,9 +109,9 @@ def labels_from_roles(params):
             return "adam"
         if role not in MUON_ROLES:
             raise ValueError(f"parameter {where!r} has role {role!r}; expected one of {MUON_ROLES + ADAM_ROLES}")
-        if var.ndim != _NDIM[role]:
+        if var.ndim - n_layer_axes(var) != _NDIM[role]:
             raise ValueError(f"parameter {where!r} has role {role!r} but shape {var.shape}; "
-                             f"expected {_NDIM[role]} dims")
+                             f"expected {_NDIM[role]} dims (after {n_layer_axes(var)} stacked-layer axes)")
         return "muon"
 
     return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -136,13 +139,15 @@ def newton_schulz(u: jax.Array, coeffs=NS_COEFFS, eps: float = NS_EPS) -> jax.Ar
 
 
 def orthogonalize(u: jax.Array, coeffs=NS_COEFFS, rms: float = 1.0) -> jax.Array:
-    """`newton_schulz` of a 2-D [n, m] update, or of each slice of a 3-D [E, n, m] expert stack
-    independently, scaled by sqrt(max(n, m)) * rms (float32 result)."""
-    if u.ndim not in (2, 3):
-        raise ValueError(f"Muon updates must be 2-D or 3-D (stacked experts), got shape {u.shape}")
-    ns = lambda m: newton_schulz(m, coeffs)
-    x = ns(u) if u.ndim == 2 else jax.vmap(ns)(u)
-    return x * (math.sqrt(max(u.shape[-2:])) * rms)
+    """`newton_schulz` of a 2-D [n, m] update, or of each [n, m] slice of a stack ([E, n, m] experts,
+    [R, n, m] scanned layers, [R, E, n, m]) independently, scaled by sqrt(max(n, m)) * rms (float32).
+    Stacked dims are vmapped one by one (never merged: a merged dim could not keep their sharding)."""
+    if u.ndim < 2:
+        raise ValueError(f"Muon updates must be matrices or stacks of them, got shape {u.shape}")
+    ns = lambda m: newton_schulz(m, coeffs)  # noqa: E731
+    for _ in range(u.ndim - 2):
+        ns = jax.vmap(ns)
+    return ns(u) * (math.sqrt(max(u.shape[-2:])) * rms)
 
 
 def scale_by_muon(cfg: OptimConfig) -> optax.GradientTransformation:

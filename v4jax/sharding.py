@@ -18,6 +18,7 @@ MESH_AXES = ("data", "fsdp", "expert", "tensor")
 # logical axis -> mesh axis (or tuple of mesh axes), None = replicated
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
+    "layers": None,  # stacked rows of a scanned segment (v4jax.stack): every device holds every layer
     "vocab": "tensor",
     "embed": "fsdp",
     "embed_out": None,

@@ -33,6 +33,7 @@ from . import training as T
 from .checkpoint import CheckpointError
 from .config import ModelConfig
 from .sharding import batch_sharding, make_mesh, state_shardings
+from .stack import restack_pure
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,11 @@ class RunConfig:
     attention_kernel: str = "jnp"  # CSA sparse branch: jnp | pallas_tpu | pallas_gpu
     moe_impl: str = "auto"  # auto | dense | gather | grouped | ep
     moe_kernel: str = "jnp"  # grouped expert matmuls: jnp | ragged_dot | megablox
+    moe_capacity_factor: float = 0.0  # "ep" slots per (device, expert) in units of the fair share; 0 = exact
+    scan_layers: bool = True  # layers of one kind under one lax.scan (False: unrolled; resume with the same)
+    remat: str = "none"  # "layer": recompute each layer in the backward (activation memory of one layer)
+    dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); parameters stay in param_dtype
+    param_dtype: str = "float32"
 
     @classmethod
     def load(cls, toml_path: str | None, overrides: list[str], **flags) -> "RunConfig":
@@ -150,11 +156,18 @@ class SpikeDetector:
 
 # ---------------------------------------------------------------------------- the trainer
 class Trainer:
-    def __init__(self, rc: RunConfig):
+    """The training run of a RunConfig. `devices` (default jax.devices()) are the mesh's devices;
+    `abstract=True` builds everything but the data and the arrays: the train state is
+    ShapeDtypeStructs with their shardings (nothing allocated), for `compile_plan` on the
+    abstract devices of a TPU slice (`aot.tpu_devices`)."""
+
+    def __init__(self, rc: RunConfig, devices=None, abstract: bool = False):
         self.rc = rc
         self.cfg = ModelConfig.from_hub(rc.config, **parse_qat(rc.qat), attention_kernel=rc.attention_kernel,
-                                        moe_impl=rc.moe_impl, moe_kernel=rc.moe_kernel)
-        self.mesh = make_mesh(rc.mesh) if rc.mesh else make_mesh({"data": 1})
+                                        moe_impl=rc.moe_impl, moe_kernel=rc.moe_kernel, scan_layers=rc.scan_layers,
+                                        remat=rc.remat, dtype=rc.dtype, param_dtype=rc.param_dtype,
+                                        moe_capacity_factor=rc.moe_capacity_factor)
+        self.mesh = make_mesh(rc.mesh, devices) if rc.mesh else make_mesh({"data": 1}, devices)
         self.tokenizer = data_lib.load_tokenizer(rc.tokenizer)
         if self.tokenizer.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model's vocab_size is "
@@ -166,9 +179,11 @@ class Trainer:
         for seq_len, _ in self.stages:
             if seq_len % align:
                 raise ValueError(f"seq_len {seq_len} must be a multiple of {align} (every compression ratio)")
-        sources = rc.data or data_lib.default_corpus_files(rc.data_max_bytes)
-        self.data = StagedBatches(sources, self.tokenizer, rc.batch * rc.grad_accum, [s for s, _ in self.stages],
-                                  rc.seed, jax.process_index(), jax.process_count(), align=align)
+        if not abstract:
+            sources = rc.data or data_lib.default_corpus_files(rc.data_max_bytes)
+            self.data = StagedBatches(sources, self.tokenizer, rc.batch * rc.grad_accum,
+                                      [s for s, _ in self.stages], rc.seed, jax.process_index(),
+                                      jax.process_count(), align=align)
         # gradient accumulation runs inside the step (a scan over micro-batches), so the optimiser is the
         # plain one (OptimConfig.grad_accum = 1, no MultiSteps): one update per step
         ocfg = optim.OptimConfig(peak_lr=rc.lr, warmup_steps=rc.warmup, total_steps=rc.steps,
@@ -178,17 +193,22 @@ class Trainer:
         self.lcfg = T.LossConfig(mtp_weight=rc.mtp_weight, mtp_weight_late=rc.mtp_weight_late,
                                  mtp_late_step=rc.warmup, balance_alpha=rc.balance_alpha,
                                  bias_gamma=rc.bias_gamma, ar_delta=rc.ar_delta, eos_id=self.tokenizer.eos_id)
-        model = M.build(self.cfg, seed=rc.seed)
+        model = M.abstract(self.cfg) if abstract else M.build(self.cfg, seed=rc.seed)
         self.graphdef, params, _ = nnx.split(model, nnx.Param, ...)
         self.tx = optim.make_optimizer(params, ocfg)
-        self.ts = self._place(T.init_train_state(model, self.tx, self.lcfg))
+        if abstract:
+            self.ts = self._place_abstract(jax.eval_shape(lambda: T.init_train_state(M.build(self.cfg), self.tx,
+                                                                                     self.lcfg)))
+        else:
+            self.ts = self._place(T.init_train_state(model, self.tx, self.lcfg))
         self.sharding = jax.tree.map(lambda x: x.sharding, self.ts)
         self.phases = parse_phases(rc.phases, rc.steps)
         self._step_fns = {}
         self.detector = SpikeDetector(rc.spike_window, rc.spike_factor)
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(rc.out),
-            options=ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True))
+        if not abstract:
+            self.manager = ocp.CheckpointManager(
+                os.path.abspath(rc.out),
+                options=ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True))
 
     def _place(self, ts: dict) -> dict:
         """Parameters and biases by the rules table; optimiser state and ring follow their params."""
@@ -200,6 +220,39 @@ class Trainer:
         ts["step"] = jax.device_put(ts["step"], repl)
         ts["router_ring"] = jax.device_put(ts["router_ring"], repl)
         return ts
+
+    def _place_abstract(self, ts: dict) -> dict:
+        """`_place` for ShapeDtypeStructs: the same rules; the optimiser state's shardings are the ones
+        `_place` gets (XLA's propagation through tx.init from the parameters), read off a compile."""
+        sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+        repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        params = jax.tree.map(sds, ts["params"], state_shardings(ts["params"], self.mesh))
+        rest = jax.tree.map(sds, ts["rest"], state_shardings(ts["rest"], self.mesh))
+        opt_sh = jax.jit(self.tx.init).lower(params).compile().output_shardings
+        opt_sh = jax.tree.map(lambda s: s if len(s.device_set) == self.mesh.size else repl, opt_sh)  # counters
+        return {"params": params, "rest": rest, "opt": jax.tree.map(sds, ts["opt"], opt_sh),
+                "step": sds(ts["step"], repl), "router_ring": jax.tree.map(lambda x: sds(x, repl), ts["router_ring"])}
+
+    def compile_plan(self, phase: str | None = None, seq_len: int | None = None) -> dict:
+        """Compile the train step of `phase` (default: the first) at `seq_len` (default: the last stage's)
+        on this trainer's (abstract) mesh -> `aot.compile_report` plus the run's shape."""
+        from . import aot
+        from .flops import step_flops
+        phase = self.phases[0][0] if phase is None else phase
+        seq_len = self.stages[-1][0] if seq_len is None else seq_len
+        rows = self.rc.batch * self.rc.grad_accum * jax.process_count()
+        batch = {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=batch_sharding(self.mesh, (rows, seq_len)))
+                 for k in ("tokens", "segment_ids", "positions")}
+        ar = jax.ShapeDtypeStruct((), jnp.bool_)
+        with jax.set_mesh(self.mesh):
+            t0 = time.time()
+            lowered = self.step_fn(phase).lower(self.ts, batch, ar)
+            lower_s = time.time() - t0
+        devices = list(self.mesh.devices.flat)
+        rep = aot.compile_report(lowered, devices, step_flops(self.cfg, seq_len, rows)["total"])
+        rep.update(lower_s=round(lower_s, 1), mesh=dict(self.mesh.shape), phase=phase or "sparse",
+                   seq_len=seq_len, batch_rows=rows, params=M.count_params(self.cfg)["total"])
+        return rep
 
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict:
@@ -220,6 +273,10 @@ class Trainer:
             raise CheckpointError(f"checkpoint {self.rc.out}/{step} is damaged: {e}") from None
         _check_same_model(meta["model_config"], self.cfg.to_hub(), f"{self.rc.out}/{step}")
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.ts, self.sharding)
+        if _unstacked_layout(self.manager, step):
+            raise CheckpointError(f"checkpoint {self.rc.out}/{step} was written before v4jax's scanned layer stack "
+                                  "(per-layer parameter trees): it cannot be resumed by this version. Its weights "
+                                  "still load for inference (infer.py --checkpoint); to train on, start a new --out")
         try:
             self.ts = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target)))["state"]
@@ -504,6 +561,17 @@ def _unwrap_values(tree):
     return tree
 
 
+def _unstacked_layout(manager, step: int) -> bool:
+    """True when a checkpoint's parameters are per-layer trees ("layers"), the layout before `stack`."""
+    try:
+        meta = manager.item_metadata(step)
+        tree = meta["state"] if "state" in meta else meta
+        tree = getattr(tree, "tree", tree)
+        return "layers" in tree["params"]
+    except Exception:  # noqa: BLE001 - no readable metadata: let the restore report it
+        return False
+
+
 def load_trained(out_dir: str, step: int | None = None, **runtime) -> M.Transformer:
     """The model saved by a training run in `out_dir` (latest step by default), for inference."""
     path = os.path.join(out_dir, "config.json")
@@ -518,10 +586,11 @@ def load_trained(out_dir: str, step: int | None = None, **runtime) -> M.Transfor
         raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{out_dir}/{step}: cannot read the training checkpoint ({e})") from None
-    graphdef, params, rest = nnx.split(M.abstract(cfg), nnx.Param, ...)
-    try:
-        nnx.replace_by_pure_dict(params, _unwrap_values(raw["params"]))
-        nnx.replace_by_pure_dict(rest, _unwrap_values(raw["rest"]))
+    skeleton = M.abstract(cfg)
+    graphdef, params, rest = nnx.split(skeleton, nnx.Param, ...)
+    try:  # a run saved before the scanned layer stack holds per-layer trees: stacked here
+        nnx.replace_by_pure_dict(params, restack_pure(_unwrap_values(raw["params"]), skeleton.plan))
+        nnx.replace_by_pure_dict(rest, restack_pure(_unwrap_values(raw["rest"]), skeleton.plan))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"{out_dir}/{step}: does not match its config.json ({e})") from None
     cast = lambda v: jnp.asarray(v, cfg.param_dtype) if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating) else jnp.asarray(v)

@@ -46,9 +46,23 @@ class LossConfig:
 
 
 def routed_layers(model: Transformer):
-    """The score-routed MoE gates (main layers then MTP blocks), in a fixed order."""
-    blocks = list(model.layers) + list(model.mtp)
-    return [b.ffn.gate for b in blocks if not b.ffn.gate.is_hash]
+    """The score-routed MoE gates in a fixed order: the stacked slot gates of the main layers (weight
+    [R, E, d], bias [R, E]; segment by segment, slot by slot), then the MTP blocks' ([E, d], [E])."""
+    slots = [slot.ffn.gate for seg in model.stack for slot in seg]
+    return [g for g in slots + [b.ffn.gate for b in model.mtp] if not g.is_hash]
+
+
+def routed_layer_order(model: Transformer) -> list[int]:
+    """Rows of the concatenated per-gate loads ([R, E] per slot gate, then [E] per MTP gate, flattened
+    to [sum R + n_mtp, E]) in main-layer order, then the MTP blocks (for per-layer metrics)."""
+    offset, where = 0, {}
+    for s, (seg, slots) in enumerate(zip(model.plan, model.stack)):
+        for j, slot in enumerate(slots):
+            if not slot.ffn.gate.is_hash:
+                where.update({seg.layer(j, r): offset + r for r in range(seg.reps)})
+                offset += seg.reps
+    n_mtp = sum(not b.ffn.gate.is_hash for b in model.mtp)
+    return [where[i] for i in sorted(where)] + list(range(offset, offset + n_mtp))
 
 
 def _masked_ce(logits, targets, mask, denom=None):
@@ -73,46 +87,48 @@ def micro_norm(batch: dict, eos_id: int, n_micro: int) -> dict:
 
 
 def balance_terms(aux: dict, n_experts: int, k: int):
-    """-> (per-row balance loss sum_e f_e P_e [B], expert counts over the batch [E])."""
-    idx, s = aux["idx"], aux["scores"]  # [B, T, k], [B, T, E]
-    counts_be = jnp.sum(jax.nn.one_hot(idx, n_experts, dtype=jnp.float32), axis=(1, 2))
-    t = idx.shape[1]
+    """-> (per-row balance loss sum_e f_e P_e [..., B], expert counts over the batch [..., E]).
+
+    aux: idx [..., B, T, k], scores [..., B, T, E] (leading dims: stacked layers, if any)."""
+    idx, s = aux["idx"], aux["scores"]
+    counts_be = jnp.sum(jax.nn.one_hot(idx, n_experts, dtype=jnp.float32), axis=(-3, -2))
+    t = idx.shape[-2]
     f = counts_be * (n_experts / (k * t))
-    p = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=1)
-    return jnp.sum(f * p, axis=-1), jnp.sum(counts_be, axis=0)
+    p = jnp.mean(s / jnp.sum(s, axis=-1, keepdims=True), axis=-2)
+    return jnp.sum(f * p, axis=-1), jnp.sum(counts_be, axis=-2)
 
 
 def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, stale_routers=None, norm=None):
-    """-> (total loss, aux: ce, mtp, balance, expert counts [E] per routed layer in `routed_layers` order).
+    """-> (total loss, aux: ce, mtp, balance, expert counts per gate of `routed_layers` ([R, E] or [E])).
 
+    `stale_routers`: one (weight, bias) per gate of `routed_layers`, in its order, or None.
     `norm` (`micro_norm`): `batch` is one micro-batch of a larger batch; the losses are its share of the
     larger batch's (summed over the micro-batches they give the larger batch's losses)."""
     tok, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     norm = norm or {"ce": None, "mtp": None, "n_micro": 1}
     cfg = model.cfg
-    gates = [blk.ffn.gate for blk in list(model.layers) + list(model.mtp)]
-    stale = [None] * len(gates)
-    if stale_routers is not None:
-        it = iter(stale_routers)
-        stale = [None if g.is_hash else next(it) for g in gates]
-    out = model(tok, positions=pos, segment_ids=seg, stale_routers=stale[:cfg.num_hidden_layers])
-    auxes = list(out["aux"])
+    stale = iter(stale_routers) if stale_routers is not None else None
+    take = lambda gate: None if stale is None or gate.is_hash else next(stale)  # noqa: E731
+    main_stale = [[take(slot.ffn.gate) for slot in slots] for slots in model.stack]
+    out = model(tok, positions=pos, segment_ids=seg, stale_routers=main_stale)
+    pairs = [(a, slot.ffn.gate) for auxes, slots in zip(out["aux_stacked"], model.stack) for a, slot in zip(auxes, slots)]
     nxt, two = target_masks(batch, lcfg.eos_id)
     ce = _masked_ce(out["logits"][:, :-1], tok[:, 1:], nxt.astype(jnp.float32), norm["ce"])
     mtp = jnp.float32(0.0)
     if cfg.n_mtp:
+        gate = model.mtp[0].ffn.gate
         mtp_logits, _, aux = model.mtp_logits(out["streams"][:, :-1], tok[:, 1:], positions=pos[:, :-1],
-                                              segment_ids=seg[:, :-1], stale_router=stale[cfg.num_hidden_layers])
-        auxes.append(aux)
+                                              segment_ids=seg[:, :-1], stale_router=take(gate))
+        pairs.append((aux, gate))
         mtp = _masked_ce(mtp_logits[:, :-1], tok[:, 2:], two.astype(jnp.float32), norm["mtp"])
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     bal, counts = jnp.float32(0.0), []
-    for a, g in zip(auxes, gates):
+    for a, g in pairs:
         if not g.is_hash:
             row_loss, c = balance_terms(a, e, k)
-            bal = bal + jnp.mean(row_loss)
+            bal = bal + jnp.sum(jnp.mean(row_loss, axis=-1))  # mean over rows, summed over layers
             counts.append(c)
-    kl = sum(a["indexer_kl"] for a in auxes)  # 0 unless the model computes the indexer loss
+    kl = sum(jnp.sum(a["indexer_kl"]) for a, _ in pairs)  # 0 unless the model computes the indexer loss
     if norm["n_micro"] > 1:  # per-row means: a micro-batch holds 1/n_micro of the rows
         bal, kl = bal / norm["n_micro"], kl / norm["n_micro"]
     loss = lcfg.indexer_kl_weight * kl
@@ -123,9 +139,9 @@ def compute_loss(model: Transformer, batch: dict, lcfg: LossConfig, mtp_weight, 
 
 def update_balance_biases(model: Transformer, counts, gamma: float):
     """b_e += gamma * sign(mean load - load_e) for every score-routed layer (in place on `model`)."""
-    for gate, c in zip(routed_layers(model), counts):
-        load = c / jnp.maximum(jnp.sum(c), 1.0)
-        gate.bias[...] = gate.bias[...] + gamma * jnp.sign(jnp.mean(load) - load)
+    for gate, c in zip(routed_layers(model), counts):  # c [E] or [R, E] (stacked rows)
+        load = c / jnp.maximum(jnp.sum(c, axis=-1, keepdims=True), 1.0)
+        gate.bias[...] = gate.bias[...] + gamma * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
 
 
 def init_router_ring(model: Transformer, delta: int):
@@ -191,7 +207,7 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
             # fp32 sums, shaped like compute_loss's outputs (built by hand: tracing the model costs seconds)
             zero = jnp.zeros((), jnp.float32)
             model = nnx.merge(graphdef, ts["params"], ts["rest"])
-            counts = [jnp.zeros((model.cfg.n_routed_experts,), jnp.float32) for _ in routed_layers(model)]
+            counts = [jnp.zeros(g.bias.shape, jnp.float32) for g in routed_layers(model)]
             acc = ((zero, {"ce": zero, "mtp": zero, "balance": zero, "indexer_kl": zero, "counts": counts}),
                    jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), ts["params"]))
 
@@ -211,7 +227,10 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
         if lcfg.ar_delta > 0:
             ring = [(w.at[slot].set(g.weight[...]), b.at[slot].set(g.bias[...]))
                     for (w, b), g in zip(ring, routed_layers(model))]
-        loads = jnp.stack([c / jnp.maximum(jnp.sum(c), 1.0) for c in aux["counts"]]) if aux["counts"] else None
+        loads = None
+        if aux["counts"]:  # [routed layers, E] in layer order
+            flat = jnp.concatenate([c.reshape(-1, c.shape[-1]) for c in aux["counts"]])
+            loads = (flat / jnp.maximum(jnp.sum(flat, axis=-1, keepdims=True), 1.0))[jnp.asarray(routed_layer_order(model))]
         metrics = {"loss": loss, "ce": aux["ce"], "mtp": aux["mtp"], "balance": aux["balance"],
                    "indexer_kl": aux["indexer_kl"],
                    "grad_norm": optax.tree.norm(grads)}
