@@ -77,6 +77,25 @@ def test_tpu_kernel_under_strict_tpu_interpreter():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_tpu_kernel_bf16_entries(strict):
+    """bf16 entries are DMA'd as 32-bit word rows holding row pairs (in-kernel ref bitcast; the strict
+    interpreter gets the same view built by XLA): odd N (padded), ids of both parities, 3 chunks. The
+    jnp reference rounds its bf16 logits to bf16, the kernel keeps them fp32: a wrong row half would be
+    off by O(1), rounding is ~1e-2."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, win, ok, ent, idx, sink = [x[0] for x in _inputs(2, n=25)[:5]] + [_inputs(2, n=25)[5]]
+    assert (np.asarray(idx) % 2 == 1).any() and (np.asarray(idx) % 2 == 0).any()
+    bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    got = sparse_gather_attention(bf(q), bf(win), ok, bf(ent), idx, sink, scale=SCALE, impl="pallas_tpu", block_k=8,
+                                  interpret=pltpu.InterpretParams() if strict else True)
+    want = sparse_gather_attention(bf(q), bf(win), ok, bf(ent), idx, sink, scale=SCALE, impl="jnp")
+    assert got[0].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32), atol=2e-2, rtol=0)
+    np.testing.assert_allclose(got[1], want[1], atol=2e-2, rtol=0)
+
+
 def test_unknown_kernel_is_rejected():
     with pytest.raises(ConfigError, match="attention_kernel"):
         ModelConfig.tiny(attention_kernel="cuda")
@@ -94,7 +113,8 @@ def test_model_logits_match_jnp(loaded):
         cfg = dataclasses.replace(m.cfg, index_topk=8, attn_block=32, attention_kernel=kernel)
         args = (p, ids, jnp.zeros((2,), jnp.int32), None)
         traced = M.forward_fn(nnx.graphdef(M.abstract(cfg)), collect=True).trace(*args)
-        assert str(traced.jaxpr).count("pallas_call") == (2 if kernel != "jnp" else 0)  # CSA layers 1 and 3
+        # CSA layers 1 and 3, each staged twice by lax.platform_dependent (interpreted for CPU, Mosaic else)
+        assert str(traced.jaxpr).count("pallas_call") == (2 * 2 if kernel != "jnp" else 0)
         out[kernel] = traced.lower().compile()(*args)
     topk = np.asarray(out["jnp"]["aux"][1]["topk"])
     assert topk.shape[-1] == 8 and (topk[:, -1] >= 0).all()  # 16 visible entries, 8 kept

@@ -12,8 +12,10 @@ are zero). With A = T*k there are at most n = ceil(A/tm) + min(E, A) tiles, M = 
   "jnp"        a `lax.scan` over the tiles, one [tm, i] x [i, o] matmul with its expert's matrix per
                step (custom VJP, d rhs accumulated in place): dense-matmul speed on XLA:CPU, with
                ~1 + E*tm/A rows of work;
-  "ragged_dot" `jax.lax.ragged_dot_general` over the expert groups (GPU; ~E x slower on XLA:CPU);
-  "megablox"   the Pallas TPU megablox `gmm` (custom VJP: gmm / tgmm backward), interpreted off TPU.
+  "ragged_dot" `jax.lax.ragged_dot_general` over the expert groups (GPU / TPU; ~E x slower on XLA:CPU);
+               lowered for TPU, a HIGH / HIGHEST precision on bf16 operands becomes DEFAULT (see `_gmm_ragged`);
+  "megablox"   the Pallas TPU megablox `gmm` (custom VJP: gmm / tgmm backward), interpreted when lowered for
+               any other platform.
 Rows past sum(size_e) (trailing tiles) are never read back: the combine gathers rows pos_a only, and
 the token gather / routing-weight scatter drop them in the backward pass (ragged_dot and megablox
 leave them unspecified).
@@ -135,11 +137,38 @@ _tile_scan.defvjp(_tile_scan_fwd, _tile_scan_bwd)
 
 
 def _gmm_ragged(lhs_mi, rhs_eoi, lay, out_dtype, precision):
+    """`ragged_dot_general` [M, i] x [E, o, i] over the expert groups size_e. XLA:TPU runs it as a Mosaic
+    kernel that rejects an fp32 contract precision on sub-32-bit operands, so a TPU lowering uses
+    `_tpu_precision` (`lax.platform_dependent`: decided when the lowering platform is known, also for
+    an AOT compile from a CPU host); CPU / GPU lowerings keep `precision`."""
     dn = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([1], [2]), ([], [])),
                                            lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-    # v4jax's meshes use auto axes; under an Explicit-axes mesh ragged_dot would also need out_sharding
-    return jax.lax.ragged_dot_general(lhs_mi, rhs_eoi, lay["size_e"], dn, precision=precision,
-                                      preferred_element_type=out_dtype)
+
+    def call(prec):  # v4jax's meshes use auto axes; an Explicit-axes mesh would also need out_sharding
+        return lambda l_mi, r_eoi, s_e: jax.lax.ragged_dot_general(l_mi, r_eoi, s_e, dn, precision=prec,
+                                                                   preferred_element_type=out_dtype)
+
+    tpu = _tpu_precision(precision, lhs_mi.dtype, rhs_eoi.dtype)
+    args = (lhs_mi, rhs_eoi, lay["size_e"])
+    if tpu is precision:
+        return call(precision)(*args)
+    return jax.lax.platform_dependent(*args, tpu=call(tpu), default=call(precision))
+
+
+def _tpu_precision(precision, *dtypes):
+    """DEFAULT for HIGH / HIGHEST when an operand is narrower than 32 bits (a bf16 x bf16 MXU pass with
+    fp32 accumulation already forms exact products; the fp32 contract precision applies to fp32
+    operands only), else `precision` itself."""
+    if precision is None or all(jnp.dtype(d).itemsize >= 4 for d in dtypes):
+        return precision
+    try:
+        precs = [jax.lax.Precision(p) for p in (precision if isinstance(precision, tuple) else (precision,))
+                 if p is not None]
+    except (TypeError, ValueError):  # not a Precision (e.g. a DotAlgorithmPreset): left as given
+        return precision
+    if all(p == jax.lax.Precision.DEFAULT for p in precs):
+        return precision
+    return jax.lax.Precision.DEFAULT
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,18 +183,25 @@ def megablox_gmm():
 
 def _gmm_megablox(lhs_mi, rhs_eoi, lay, out_dtype):
     """megablox tiling: m a multiple of tm (the layout guarantees it); the k / n dims are tiled by
-    min(128, dim) with the kernel masking a ragged last tile. On a real TPU tm must be a multiple of 8."""
+    min(128, dim) with the kernel masking a ragged last tile. A TPU lowering runs the Mosaic kernel (tm a
+    multiple of 8), any other the interpreter: `lax.platform_dependent`, so an AOT compile for a TPU
+    topology from a CPU host gets the real kernel too."""
     tm = lay["tm"]
     m, i = lhs_mi.shape
     o = rhs_eoi.shape[1]
-    interpret = jax.default_backend() != "tpu"
-    if m % tm or (not interpret and tm % 8):
-        raise ValueError(f"moe_kernel 'megablox': rows {m} must be a multiple of tm={tm} (and tm of 8 on TPU)")
+    if m % tm:
+        raise ValueError(f"moe_kernel 'megablox': rows {m} must be a multiple of tm={tm}")
     tiling = (tm, min(128, i), min(128, o))
-    # positional: nondiff args (preferred_element_type, tiling, transpose_rhs, interpret) of the custom VJP
-    out = megablox_gmm()(lhs_mi, rhs_eoi.astype(lhs_mi.dtype), lay["size_e"], jnp.dtype(out_dtype), tiling, None,
-                         None, True, interpret)
-    return out
+
+    def call(interpret):  # positional: the custom VJP's nondiff args (preferred_element_type, tiling,
+        # group_offset, existing_out, transpose_rhs, interpret)
+        return lambda l_mi, r_eoi, s_e: megablox_gmm()(l_mi, r_eoi, s_e, jnp.dtype(out_dtype), tiling, None, None,
+                                                       True, interpret)
+
+    args = (lhs_mi, rhs_eoi.astype(lhs_mi.dtype), lay["size_e"])
+    if tm % 8:  # not a Mosaic tiling: interpreted everywhere (the layouts of `tile_rows` never do this)
+        return call(True)(*args)
+    return jax.lax.platform_dependent(*args, tpu=call(False), default=call(True))
 
 
 def dispatch(x_td, r_tk, idx_tk, read, n_experts: int, act, kernel: str, precision=None):

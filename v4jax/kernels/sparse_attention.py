@@ -20,15 +20,34 @@ For one block of Q queries (H heads, head dim c, one shared K = V vector per can
                 `block_k` rows (double-buffered: the next chunk's rows are in flight while one is used).
                 Window then entry chunks are folded in with an online softmax whose running max starts
                 at the sink (always finite, no NaN for a query with no valid candidate).
+                Mosaic only slices tiled memory at tile-aligned offsets, and a bf16 row shares its
+                32-bit words with its neighbour (rows 2r, 2r+1 are packed), so a single bf16 row cannot
+                be DMA'd: the DMAs move 32-bit word rows instead, bf16 entries through a free in-kernel
+                uint32 view [N/2, c] (2x the bytes of the row, one half kept: `_tpu_kernel`).
+                AOT-compiled (tests/test_tpu_kernels.py) for v5p / v6e / v5e / tpu7x at the tiny config,
+                Flash (H 64, c 512, k 512) and Pro (H 128, c 512, k 1024) shapes, bf16 and fp32: with
+                block_k 128 the kernel's scoped VMEM is <= 7 MiB (Flash bf16 1.0 - 1.5 MiB, fp32
+                3.1 - 5.4 MiB), under every chip's default limit, so no vmem_limit_bytes is set.
   "pallas_gpu"  Triton-style kernel, same grid and online softmax; entry rows are gathered with a
                 masked vector load (`plgpu.load(ref.at[rows], mask=...)`). Heads are padded to a power
                 of two >= 16 and the chunked axes to powers of two >= 16 (Triton block shapes, tl.dot sizes).
-Both kernels run in interpret mode automatically when jax.default_backend() == "cpu".
+Both kernels run in interpret mode automatically when lowered for CPU.
 
 Gradients: `jax.custom_vjp`; the backward of the Pallas paths RECOMPUTES the jnp reference and takes
-its vjp (no Pallas backward kernel yet), so gradients are exact but the backward pass has the
-reference's memory footprint. Batching: a `custom_vmap` rule folds vmapped axes (batch, layers)
-into the kernels' leading sequence axis instead of looping over pallas_calls.
+its vjp (no Pallas backward kernel), so gradients are exact. Chosen over a Pallas backward because
+d entries is a scatter-add of Q*k rows into [N, c] with colliding ids (the same entry is picked by
+many queries and heads): a Mosaic version needs a sort-by-entry pass or serialised read-modify-write
+DMAs, while the recompute is one XLA gather / einsum / scatter-add whose memory is bounded per query
+block. Its cost: per block call it materialises the gathered [Q, k, c] values and their cotangent
+and [Q, H, Kw + k] fp32 logits (Flash bf16, Q 128: ~100 MB of HBM temp), but only one block at a
+time under `attend_sequence`'s `lax.map(jax.checkpoint(block))`, so the compiled memory is linear in
+the sequence length: value_and_grad compiled for v5p, tiny shapes (H 4, c 128, k 16, W 32) at S = 2,
+4, 8, 16, 32, 64 blocks of 128: temp 2.85, 2.77, 3.92, 5.42, 8.57, 14.98 MB (+0.19..0.29 MB a block
+from S = 4 on: the stacked o and lse, the rest is XLA re-packing the per-call buffers); Flash shapes
+at S = 4, 8, 16, 32: 157, 191, 305, 440 MB (+8.5 MB a block from 16 to 32 = the stacked bf16 o
+[Q, H, c]; the 8 -> 16 step also re-packs the constant part).
+Batching: a `custom_vmap` rule folds vmapped axes (batch, layers) into the kernels' leading sequence
+axis instead of looping over pallas_calls.
 """
 from __future__ import annotations
 
@@ -46,7 +65,8 @@ def sparse_gather_attention(q_qhc, win_kc, win_ok_qw, entries_nc, idx_qk, sink_h
                             impl: str = "jnp", interpret=None, block_k: int = 128):
     """-> (o_qhc [Q, H, c] in the keys' dtype, lse_qh [Q, H] float32). See the module docstring.
 
-    `interpret`: None = interpret exactly when running on CPU; or a bool, or (TPU) a hashable
+    `interpret`: None = interpret exactly when lowering for CPU (`lax.platform_dependent`, so an AOT
+    compile for a TPU topology from a CPU host gets the Mosaic kernel); or a bool, or (TPU) a hashable
     `pltpu.InterpretParams()` for the stricter TPU interpreter (DMA / semaphore semantics checked).
     `block_k`: entry rows gathered per online-softmax step."""
     if impl not in IMPLS:
@@ -54,8 +74,6 @@ def sparse_gather_attention(q_qhc, win_kc, win_ok_qw, entries_nc, idx_qk, sink_h
     idx_qk = idx_qk.astype(jnp.int32)
     if impl == "jnp":
         return reference(q_qhc, win_kc, win_ok_qw, entries_nc, idx_qk, sink_h, scale)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     return _kernel_attention(q_qhc, win_kc, win_ok_qw, entries_nc, idx_qk, sink_h,
                              (float(scale), impl, interpret, int(block_k)))
 
@@ -113,8 +131,12 @@ def _batched_kernel(scale, impl, interpret, block_k):
 
     @jax.custom_batching.custom_vmap
     def run(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh):
-        o, lse = body(q_gqhc, win_gwc, ok_gqw.astype(jnp.int32), ent_gnc, idx_gqk, sink_gh.astype(jnp.float32),
-                      scale=scale, interpret=interpret, block_k=block_k)
+        args = (q_gqhc, win_gwc, ok_gqw.astype(jnp.int32), ent_gnc, idx_gqk, sink_gh.astype(jnp.float32))
+        call = lambda interp: functools.partial(body, scale=scale, interpret=interp, block_k=block_k)  # noqa: E731
+        if interpret is None:  # chosen when the lowering platform is known
+            o, lse = jax.lax.platform_dependent(*args, cpu=call(True), default=call(False))
+        else:
+            o, lse = call(interpret)(*args)
         return o[..., :q_gqhc.shape[2], :q_gqhc.shape[3]].astype(win_gwc.dtype), lse[..., :q_gqhc.shape[2]]
 
     @run.def_vmap
@@ -161,26 +183,84 @@ def _pad_to(x, axis, size, value=0):
 
 
 # ------------------------------------------------------------------ Pallas TPU (Mosaic)
+def _rows_per_word(dtype) -> int:
+    """Entry rows per 32-bit word of the DMA view: 1 (32-bit entries) or 2 (bfloat16, packed in pairs)."""
+    if jnp.dtype(dtype).itemsize == 4:
+        return 1
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return 2
+    raise ValueError(f"sparse_gather_attention 'pallas_tpu': entries must be 32-bit or bfloat16, got {dtype}")
+
+
 def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, interpret, block_k):
+    """Shapes: q [G, Q, H, c], window [G, Kw, c], ok [G, Q, Kw], entries [G, N, c], ids [G, Q, k] ->
+    o [G, Q, H, c] (the window's dtype), lse [G, Q, H] fp32 (written lane-major, [1, H] a query). ids are padded with -1 to nchunk * kb and passed twice: raw in
+    HBM (one query's row DMA'd to SMEM: scalar DMA addresses) and as [nchunk, kb] VMEM blocks (validity
+    masks; chunk ci is sublane row ci). bf16 entries are DMA'd as 32-bit words (see `_tpu_kernel`); an
+    odd N is padded by one zero row so the [N/2, c] word view exists."""
     from jax.experimental.pallas import tpu as pltpu
 
     g, nq, h, c = q_gqhc.shape
-    kw = win_gwc.shape[1]
-    kb = min(block_k, idx_gqk.shape[2])
-    nchunk = -(-idx_gqk.shape[2] // kb)
-    kp = nchunk * kb
-    idx_gqk = _pad_to(idx_gqk, 2, kp, -1)
-    dt = ent_gnc.dtype
+    kw, k = win_gwc.shape[1], idx_gqk.shape[2]
+    kb = k if k <= block_k else block_k
+    nchunk = -(-k // kb)
+    idx_gqk = _pad_to(idx_gqk, 2, nchunk * kb, -1)
+    pack = _rows_per_word(ent_gnc.dtype)
+    ent = _pad_to(ent_gnc, 1, -(-ent_gnc.shape[1] // pack) * pack)
+    view = pack > 1
+    if view and isinstance(interpret, pltpu.InterpretParams):  # the strict interpreter cannot DMA through
+        ent, view = _word_view(ent), False                     # a bitcast ref: XLA builds the same view
+    row = lambda *shape: pl.BlockSpec((None, None) + shape, lambda gi, qi: (gi, qi) + (0,) * len(shape))  # noqa
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    o, lse = pl.pallas_call(
+        _tpu_kernel(h, c, kb, nchunk, scale, ent_gnc.dtype, view), grid=(g, nq),
+        in_specs=[row(h, c),                                                        # q     [H, c]
+                  pl.BlockSpec((None, kw, c), lambda gi, qi: (gi, 0, 0)),           # window slab
+                  row(1, kw),                                                       # mask  [1, Kw]
+                  row(nchunk, kb),                                                  # ids (validity)
+                  pl.BlockSpec((None, h, 1), lambda gi, qi: (gi, 0, 0)),            # sink  [H, 1]
+                  hbm,                                                              # ids, HBM (-> SMEM rows)
+                  hbm],                                                             # entries, HBM
+        out_specs=[row(h, c), row(1, h)],
+        scratch_shapes=[pltpu.SMEM((nchunk * kb,), jnp.int32),
+                        pltpu.VMEM((2, kb, c), jnp.uint32 if pack > 1 else ent_gnc.dtype),
+                        pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA(())],
+        out_shape=[jax.ShapeDtypeStruct((g, nq, h, c), win_gwc.dtype), jax.ShapeDtypeStruct((g, nq, 1, h), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret, name="csa_sparse_attention_tpu",
+    )(q_gqhc, win_gwc, ok_gqw[:, :, None, :], idx_gqk.reshape(g, nq, nchunk, kb), sink_gh[..., None], idx_gqk, ent)
+    return o, lse[:, :, 0]
+
+
+def _word_view(ent_gnc):
+    """bf16 [G, N, c] -> uint32 [G, N/2, c], word (r, col) = rows 2r (low 16 bits) and 2r+1 (high) at col:
+    the layout of the in-kernel ref bitcast, built as an XLA array (a copy) for the strict interpreter."""
+    g, n, c = ent_gnc.shape
+    return jax.lax.bitcast_convert_type(ent_gnc.reshape(g, n // 2, 2, c).swapaxes(2, 3), jnp.uint32)
+
+
+def _tpu_kernel(h, c, kb, nchunk, scale, dtype, view):
+    """One (sequence gi, query qi) grid step. Mosaic DMAs need slice offsets aligned to the memory tiles
+    along the two minor dims; a 32-bit row can start at any sublane, a packed bf16 row cannot (two rows
+    share a 32-bit word). So entries are DMA'd as 32-bit words: bf16 [N, c] is viewed (`view`: in-kernel
+    ref bitcast, free) as uint32 [N/2, c] whose word row r holds entry rows 2r (low half) and 2r+1 (high
+    half); entry id copies word row id >> 1 into buf[slot, j] and `_unpack_rows` keeps its half (2x the
+    DMA bytes of a bf16 row, no HBM copy). 32-bit entries are copied row for row (pack = 1)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    pack = _rows_per_word(dtype)
 
     def kernel(q_ref, win_ref, ok_ref, idxv_ref, sink_ref, idx_hbm, ent_hbm, o_ref, lse_ref, ids, buf, sem, id_sem):
         gi, qi = pl.program_id(0), pl.program_id(1)
+        words = ent_hbm.at[gi].bitcast(jnp.uint32) if view else ent_hbm.at[gi]  # [N / pack, c]
 
-        def row_copy(slot, j, row):  # one entry row HBM -> buf[slot, j]; all of a slot's copies share sem[slot]
-            return pltpu.make_async_copy(ent_hbm.at[gi, pl.ds(row, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot])
+        def row_copy(slot, j, word_row):  # one word row HBM -> buf[slot, j]; a slot's copies share sem[slot]
+            return pltpu.make_async_copy(words.at[pl.ds(word_row, 1)], buf.at[slot, pl.ds(j, 1)], sem.at[slot])
 
         def start_chunk(ci, slot):
-            base = ci * kb
-            jax.lax.fori_loop(0, kb, lambda j, _: row_copy(slot, j, jnp.maximum(ids[base + j], 0)).start(), None)
+            def start(j, _):
+                row_copy(slot, j, jax.lax.shift_right_logical(jnp.maximum(ids[ci * kb + j], 0), pack - 1)).start()
+            jax.lax.fori_loop(0, kb, start, None)
 
         def wait_chunk(slot):  # a wait needs only the byte count: row 0 stands for every row
             jax.lax.fori_loop(0, kb, lambda j, _: row_copy(slot, j, 0).wait(), None)
@@ -197,40 +277,41 @@ def _tpu_forward(q_gqhc, win_gwc, ok_gqw, ent_gnc, idx_gqk, sink_gh, *, scale, i
         carry = _online((sink, jnp.ones_like(sink), jnp.zeros((h, c), jnp.float32)), s, win_ref[...])
 
         def chunk(ci, carry):  # double-buffered: chunk ci+1's rows are in flight while chunk ci is used
-            slot = ci % 2
+            slot = jax.lax.rem(ci, 2)
 
             @pl.when(ci + 1 < nchunk)
             def _():
                 start_chunk(ci + 1, 1 - slot)
 
             wait_chunk(slot)
-            vals = buf[slot]  # [kb, c]
-            valid = idxv_ref[:, pl.ds(pl.multiple_of(ci * kb, kb), kb)] >= 0  # [1, kb]
-            return _online(carry, jnp.where(valid, _logits(q, vals, scale), -jnp.inf), vals)
+            ids_1k = idxv_ref[pl.ds(ci, 1), :]  # [1, kb]
+            vals = _unpack_rows(buf[slot], ids_1k, dtype) if pack > 1 else buf[slot]  # [kb, c]
+            return _online(carry, jnp.where(ids_1k >= 0, _logits(q, vals, scale), -jnp.inf), vals)
 
         m, l, acc = jax.lax.fori_loop(0, nchunk, chunk, carry)
         o_ref[...] = (acc / l).astype(o_ref.dtype)
-        lse_ref[...] = m + jnp.log(l)
+        lse_ref[...] = _flip(m + jnp.log(l))  # [H, 1] -> [1, H]: no 128x lane padding in HBM
 
-    row = lambda *shape: pl.BlockSpec((None, None) + shape, lambda gi, qi: (gi, qi) + (0,) * len(shape))  # noqa
-    hbm = pl.BlockSpec(memory_space=pl.ANY)
-    o, lse = pl.pallas_call(
-        kernel, grid=(g, nq),
-        in_specs=[row(h, c),                                                        # q     [H, c]
-                  pl.BlockSpec((None, kw, c), lambda gi, qi: (gi, 0, 0)),           # window slab
-                  row(1, kw),                                                       # mask  [1, Kw]
-                  row(1, kp),                                                       # ids   [1, k] (VMEM: validity)
-                  pl.BlockSpec((None, h, 1), lambda gi, qi: (gi, 0, 0)),            # sink  [H, 1]
-                  hbm,                                                              # ids, HBM (-> SMEM rows)
-                  hbm],                                                             # entries, HBM
-        out_specs=[row(h, c), row(h, 1)],
-        scratch_shapes=[pltpu.SMEM((kp,), jnp.int32), pltpu.VMEM((2, kb, c), dt), pltpu.SemaphoreType.DMA((2,)),
-                        pltpu.SemaphoreType.DMA(())],
-        out_shape=[jax.ShapeDtypeStruct((g, nq, h, c), jnp.float32), jax.ShapeDtypeStruct((g, nq, h, 1), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=interpret, name="csa_sparse_attention_tpu",
-    )(q_gqhc, win_gwc, ok_gqw[:, :, None, :], idx_gqk[:, :, None, :], sink_gh[..., None], idx_gqk, ent_gnc)
-    return o, lse[..., 0]
+    return kernel
+
+
+def _unpack_rows(w_kc, ids_1k, dtype):
+    """bf16 entry rows [kb, c] from their uint32 word rows [kb, c] (row j = the word row of id j).
+
+    The ids' parities are needed per sublane (row), but arrive along lanes [1, kb]: `_flip` turns them
+    into a column [kb, 1]. Row 2r is the low half of its word: bf16 bits << 16 are the fp32 of that
+    value, so the upper half (id odd) is masked, the lower one shifted; the fp32 -> bf16 cast is exact."""
+    odd_k1 = _flip(jnp.maximum(ids_1k, 0) & 1)  # [kb, 1]
+    bits = jnp.where(odd_k1 != 0, w_kc & jnp.uint32(0xFFFF0000), jax.lax.shift_left(w_kc, jnp.uint32(16)))
+    return jax.lax.bitcast_convert_type(bits, jnp.float32).astype(dtype)
+
+
+def _flip(x):
+    """[n, 1] <-> [1, n] without a vector transpose: a diagonal select and a sum over the size-1 side's
+    partner axis (exact: every other term is 0)."""
+    n = max(x.shape)
+    eye = jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+    return jnp.sum(jnp.where(eye, x, jnp.zeros((), x.dtype)), axis=1 if x.shape[0] == 1 else 0, keepdims=True)
 
 
 # ------------------------------------------------------------------ Pallas GPU (Triton)
