@@ -42,3 +42,21 @@ def test_rules_drop_non_dividing_axes():
 def test_bad_mesh_spec():
     with pytest.raises(ValueError, match="bad --mesh entry"):
         make_mesh("pipeline=2")
+
+
+def test_optimizer_moments_are_sharded_like_their_parameters():
+    """Muon momentum and Adam moments follow their parameter's sharding; counters are replicated."""
+    from v4jax.trainer import RunConfig, Trainer
+    t = Trainer(RunConfig(mesh="fsdp=2,expert=2,tensor=2"), devices=jax.devices()[:8], abstract=True)
+    params = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(t.ts["params"])}
+    moments = sharded = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(t.ts["opt"]):
+        key = jax.tree_util.keystr(path)
+        owner = next((k for k in params if key.endswith(k)), None)
+        if owner is None:
+            assert x.shape == () and x.sharding.spec == jax.sharding.PartitionSpec(), key
+            continue
+        moments += 1
+        assert x.sharding.spec == params[owner], key
+        sharded += any(a is not None for a in x.sharding.spec)
+    assert moments >= len(params) and sharded > 20

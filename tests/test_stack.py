@@ -48,11 +48,12 @@ def _by_name(model_or_state_model, tree=None):
 
 @pytest.fixture(scope="module")
 def pair():
-    """The same random model (same init keys), scanned and unrolled, with its loss gradients."""
+    """The same random model (same init keys), scanned, unrolled, and scanned with each row
+    rematerialised, with its loss gradients."""
     out = {}
     ids = jax.random.randint(jax.random.key(3), (2, 64), 2, 200)
-    for scan in (True, False):
-        m = M.build(_repeating(scan_layers=scan), seed=5)
+    for scan, kw in ((True, {}), (False, {}), ("remat", {"remat": "layer"})):
+        m = M.build(_repeating(scan_layers=bool(scan), **kw), seed=5)
         g, params, rest = nnx.split(m, nnx.Param, ...)
 
         def loss(p):
@@ -75,6 +76,10 @@ def test_scanned_equals_unrolled(pair):
     for name, g in a["grads"].items():
         np.testing.assert_allclose(g, b["grads"][name], rtol=1e-4, atol=1e-6, err_msg=name)
     assert np.abs(a["grads"]["layers.3.attn.wq_a.weight"]).max() > 0  # a scanned row's gradient
+    r = pair["remat"]  # recomputing each row in the backward changes no number
+    np.testing.assert_array_equal(r["logits"], a["logits"])
+    for name, g in a["grads"].items():
+        np.testing.assert_allclose(r["grads"][name], g, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def _grad_program_chars(n_layers: int, scan: bool) -> int:

@@ -16,6 +16,8 @@ works beside the CPU backend, and no TPU runtime is started.
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 
 GIB = 1 << 30
@@ -44,6 +46,8 @@ def tpu_devices(topology: str):
         raise AOTError("compiling for a TPU slice needs libtpu: pip install libtpu "
                        "(or pip install -e '.[tpu]', which pins the matching one)") from None
     from jax.experimental import topologies
+    # describing a slice starts no TPU runtime: another process holding libtpu's lock file is no conflict
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
     except Exception as e:  # noqa: BLE001 - libtpu reports unknown names as a generic XlaRuntimeError
@@ -70,9 +74,12 @@ def compile_report(lowered, devices, analytic_flops: float | None = None) -> dic
     `analytic_flops`: the step's FLOPs by formula for the whole slice (shown per device beside the
     compiled count, which XLA gives per device for an SPMD program)."""
     t0 = time.time()
-    compiled = lowered.compile()
-    seconds = time.time() - t0
     chip = chip_info(devices)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XLA reports HBM exhaustion as a generic runtime error
+        return _out_of_memory(e, chip, time.time() - t0)
+    seconds = time.time() - t0
     mem = compiled.memory_analysis()
     arg, out, tmp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp"))
     alias = int(getattr(mem, "alias_size_in_bytes", 0))
@@ -92,6 +99,20 @@ def compile_report(lowered, devices, analytic_flops: float | None = None) -> dic
             rep["compiled_over_analytic"] = round(flops / rep["analytic_flops_per_device"], 3)
     rep["_compiled"] = compiled
     return rep
+
+
+def _out_of_memory(err: Exception, chip: dict, seconds: float) -> dict:
+    """The report of a program the TPU compiler refused for lack of HBM: what it said it needs."""
+    msg = str(err)
+    if "RESOURCE_EXHAUSTED" not in msg:
+        raise err
+    need = re.search(r"required for HLO temporaries \(([\d.]+)([KMGT])\)", msg)
+    temp = float(need.group(1)) * 1024 ** ("KMGT".index(need.group(2)) + 1) if need else None
+    line = next((ln for ln in msg.splitlines() if "RESOURCE_EXHAUSTED" in ln), msg[:300])
+    return {**chip, "compile_s": round(seconds, 1), "fits": False, "compiler_error": line.strip(),
+            "per_device": {"temp_bytes": int(temp) if temp else None,
+                           "temp_gib": round(temp / GIB, 2) if temp else None,
+                           "hbm_gib": round(chip["hbm_per_device"] / GIB, 2)}}
 
 
 def public(report: dict) -> dict:

@@ -29,12 +29,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from . import kvstore, quant
 from .compressor import Compressor
 from .config import ModelConfig
 from .kernels import sink_softmax, sparse_gather_attention
 from .layers import HIGHEST, Linear, RMSNorm, apply_rope, param, rms_norm, rope_cos_sin, rope_inv_freq
+from .sharding import spec_for
 
 # query-block groups of a whole-sequence forward (training, scoring): group g of G scores only the
 # compressed entries visible to its last query, cutting the causal over-count from 2x to (G+1)/G
@@ -177,13 +179,31 @@ class Attention(nnx.Module):
                                block=min(self.cfg.attn_block, q.shape[1]), topk=self.cfg.index_topk,
                                scale=self.head_dim ** -0.5, csa_dense=self.cfg.csa_mode == "dense",
                                indexer_loss=self.cfg.indexer_loss, kernel=self.cfg.attention_kernel)
-        sink = self.attn_sink[...]
+        def batched(sink, q, kv, w, s, seg, c=None, cseg=None, qi=None, wi=None, ki=None):
+            def one(q, kv, w, s, seg, c=None, cseg=None, qi=None, wi=None, ki=None):
+                return fn(q, kv, w, None if c is None else (c, cseg), None if qi is None else (qi, wi, ki), s, seg,
+                          sink)
+            return jax.vmap(one)(q, kv, w, s, seg, *[a for a in (c, cseg, qi, wi, ki) if a is not None])
 
-        def one(q, kv, w, s, seg, c=None, cseg=None, qi=None, wi=None, ki=None):
-            return fn(q, kv, w, None if c is None else (c, cseg), None if qi is None else (qi, wi, ki), s, seg, sink)
+        args = [self.attn_sink[...], q, kv, win, start_b, seg_bt] + list(comp or ()) + list(index or ())
+        if self.cfg.attention_kernel != "jnp" and self.ratio == 4 and not jax.sharding.get_abstract_mesh().empty:
+            return _per_shard(batched, args, heads_sharded=not self.cfg.indexer_loss)
+        return batched(*args)
 
-        args = [q, kv, win, start_b, seg_bt] + list(comp or ()) + list(index or ())
-        return jax.vmap(one)(*args)
+
+def _per_shard(fn, args, heads_sharded: bool):
+    """fn(sink [H], q [B,T,H,c], rest batch-first...) under `jax.shard_map` on the context mesh: a Pallas
+    kernel cannot be partitioned by XLA, so each device runs it on its own rows (the batch axes of the
+    rules table) and, when `heads_sharded`, its own query heads (the "heads" rule; K = V and the indexer
+    are per row, every head's). With the indexer loss the heads stay whole: its KL target sums them."""
+    mesh = jax.sharding.get_abstract_mesh()
+    heads = "heads" if heads_sharded else None
+    b = args[1].shape[0]
+    batch = spec_for(("batch",), (b,), mesh)[0]
+    head = spec_for((heads,), (args[1].shape[2],), mesh)[0] if heads else None
+    specs = [P(head), P(batch, None, head, None)] + [P(batch) for _ in args[2:]]
+    out_specs = (P(batch, None, head, None), P(batch), P(batch))
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)(*args)
 
 
 def _first_rows(store, n: int):

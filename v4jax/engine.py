@@ -21,6 +21,7 @@ before they can be read again.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -387,8 +388,8 @@ def compile_plan(cfg, devices, mesh, max_context: int, kv_layout: str | None = N
     `max_context` tokens (nothing allocated) -> {"prefill": report, "decode": report} (`aot`).
 
     Shardings are the engine's: parameters by the rules table (as `checkpoint.load_hub` places
-    them), the decode state and per-row inputs batch-first over (data, fsdp). Both steps are compiled
-    at the largest bucket (a step at full context reads every entry row)."""
+    them), the decode state and per-row inputs batch-first over the batch axes (data, fsdp, expert).
+    Both steps are compiled at the largest bucket (a step at full context reads every entry row)."""
     from . import aot
     from .model import abstract
     from .sharding import state_shardings
@@ -415,6 +416,9 @@ def compile_plan(cfg, devices, mesh, max_context: int, kv_layout: str | None = N
         out["prefill"] = aot.compile_report(prefill.lower(leaves, row(chunk), row(), row(), state, pend), devices)
         decode = _decode_fn(graphdef, ptree, ratios, max_context)
         out["decode"] = aot.compile_report(decode.lower(leaves, ctl, state, pend, key, *knobs), devices)
+    per_device = lambda tree: sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize  # noqa: E731
+                                  for x in jax.tree.leaves(tree))
     for name, n_tok in (("prefill", chunk * batch), ("decode", batch)):
-        out[name].update(tokens_per_call=n_tok)
+        out[name].update(tokens_per_call=n_tok, params_bytes_per_device=per_device(leaves),
+                         state_bytes_per_device=per_device(state))
     return out

@@ -24,6 +24,7 @@ from .attention import Attention
 from .config import ModelConfig
 from .layers import HIGHEST, BalanceBias, HyperConnection, HyperHead, Keys, Linear, RMSNorm, param
 from .moe import MoE
+from .sharding import gathered
 
 
 class Block(nnx.Module):
@@ -178,7 +179,8 @@ class Transformer(nnx.Module):
     def mtp_logits(self, h_btnd, next_ids_bt, start_b=None, state=None, k: int = 0, positions=None,
                    segment_ids=None, stale_router=None, valid_b=None, context_limit=None):
         """MTP block k on main streams h (positions t) with tokens t+1 -> (logits predicting t+2, state, aux)."""
-        blk = self.mtp[k]
+        graphdef, st = nnx.split(self.mtp[k])
+        blk = nnx.merge(graphdef, gathered(st, stacked=False))
         b = h_btnd.shape[0]
         if start_b is None:
             start_b = jnp.zeros((b,), jnp.int32)

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 from . import grouped_matmul, quant
 from .config import ModelConfig
 from .layers import HIGHEST, BalanceBias, Buffer, Linear, init_std, param
-from .sharding import RULES
+from .sharding import RULES, spec_for
 
 
 def swiglu(gate, up, limit: float):
@@ -157,8 +157,12 @@ class Experts(nnx.Module):
         """Sorted dispatch (`grouped_matmul.dispatch`): rows grouped by expert in tiles of one expert each,
         a grouped matmul (`moe_kernel`: "jnp" | "ragged_dot" | "megablox") per weight; exact, static shapes."""
         act = functools.partial(swiglu, limit=self.limit)
-        return grouped_matmul.dispatch(x_td, w_tk, idx_tk, self.read, self.w1.shape[0], act, self.kernel,
-                                       precision=HIGHEST)
+        mesh = jax.sharding.get_abstract_mesh()
+        if self.kernel == "jnp" or mesh.empty:
+            return grouped_matmul.dispatch(x_td, w_tk, idx_tk, self.read, self.w1.shape[0], act, self.kernel,
+                                           precision=HIGHEST)
+        return grouped_per_shard(x_td, w_tk, idx_tk, {n: self.read(n) for n in ("w1", "w2", "w3")}, mesh, act,
+                                 self.kernel)
 
     def ep(self, x_td, w_tk, idx_tk):
         """Expert-parallel dispatch (`ep_dispatch`); without a mesh that allows it, gather or grouped."""
@@ -166,8 +170,9 @@ class Experts(nnx.Module):
         layout = ep_layout(x_td.shape[0], e, f)
         if layout is None:
             return getattr(self, self.choose("auto", x_td.shape[0], idx_tk.shape[1]))(x_td, w_tk, idx_tk)
-        return ep_dispatch(x_td, w_tk, idx_tk, self.read("w1"), self.read("w2"), self.read("w3"), layout, self.limit,
-                           self.capacity_factor)
+        # in the compute dtype before the dispatch gathers them over fsdp (half the bytes moved for bf16)
+        w1, w2, w3 = (self.read(n).astype(x_td.dtype) for n in ("w1", "w2", "w3"))
+        return ep_dispatch(x_td, w_tk, idx_tk, w1, w2, w3, layout, self.limit, self.capacity_factor)
 
     def choose(self, impl: str, n_tokens: int, k: int) -> str:
         """"auto" -> "ep" when the context mesh allows it and T*k >= E, else "gather" when T*k < E, else "grouped"."""
@@ -196,6 +201,29 @@ class MoE(nnx.Module):
         y = y + self.shared_experts(x).astype(jnp.float32)
         aux = {"idx": idx.reshape(b, t, -1), "scores": s.reshape(b, t, -1)}
         return y.astype(x_btd.dtype).reshape(b, t, d), aux
+
+
+def grouped_per_shard(x_td, r_tk, idx_tk, weights: dict, mesh, act, kernel: str):
+    """The "grouped" dispatch with a Pallas kernel (megablox; XLA cannot partition a Mosaic call) on a
+    mesh: under `jax.shard_map` every device sorts and multiplies its own tokens (split over the batch
+    axes of the rules table) against every expert, the expert FFN width F split over the "moe_mlp"
+    axis when each share is a multiple of 128 (megablox's tiles; partial w2 products summed by a psum
+    over it). Expert weights enter gathered over the other axes (FSDP-style; expert parallelism is the
+    "ep" dispatch)."""
+    e, f = weights["w1"].shape[:2]
+    tok = spec_for(("batch",), (x_td.shape[0],), mesh)[0]
+    tp = spec_for(("moe_mlp",), (f,), mesh)[0]
+    if tp is not None and (f // mesh.shape[tp]) % 128:
+        tp = None
+
+    def body(x, r, idx, w1, w2, w3):
+        ws = {"w1": w1, "w2": w2, "w3": w3}
+        y = grouped_matmul.dispatch(x, r, idx, ws.__getitem__, e, act, kernel, precision=HIGHEST)
+        return y if tp is None else jax.lax.psum(y, tp)
+
+    w13, w2 = P(None, tp, None), P(None, None, tp)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(tok), P(tok), P(tok), w13, w2, w13), out_specs=P(tok),
+                         check_vma=False)(x_td, r_tk, idx_tk, weights["w1"], weights["w2"], weights["w3"])
 
 
 # ---------------------------------------------------------------------------- expert parallelism

@@ -141,13 +141,19 @@ def newton_schulz(u: jax.Array, coeffs=NS_COEFFS, eps: float = NS_EPS) -> jax.Ar
 def orthogonalize(u: jax.Array, coeffs=NS_COEFFS, rms: float = 1.0) -> jax.Array:
     """`newton_schulz` of a 2-D [n, m] update, or of each [n, m] slice of a stack ([E, n, m] experts,
     [R, n, m] scanned layers, [R, E, n, m]) independently, scaled by sqrt(max(n, m)) * rms (float32).
-    Stacked dims are vmapped one by one (never merged: a merged dim could not keep their sharding)."""
-    if u.ndim < 2:
-        raise ValueError(f"Muon updates must be matrices or stacks of them, got shape {u.shape}")
+    Stacked dims are never merged (a merged dim could not keep their sharding); a 3-D stack is
+    vmapped, a 4-D one runs one row's experts at a time (`lax.map` over R: vmapping both would hold
+    the iteration's temporaries for every layer's experts at once)."""
+    if not 2 <= u.ndim <= 4:
+        raise ValueError(f"Muon updates must be matrices or [E | R, n, m] / [R, E, n, m] stacks, got {u.shape}")
     ns = lambda m: newton_schulz(m, coeffs)  # noqa: E731
-    for _ in range(u.ndim - 2):
-        ns = jax.vmap(ns)
-    return ns(u) * (math.sqrt(max(u.shape[-2:])) * rms)
+    if u.ndim == 2:
+        x = ns(u)
+    elif u.ndim == 3:
+        x = jax.vmap(ns)(u)
+    else:
+        x = jax.lax.map(jax.vmap(ns), u)
+    return x * (math.sqrt(max(u.shape[-2:])) * rms)
 
 
 def scale_by_muon(cfg: OptimConfig) -> optax.GradientTransformation:

@@ -3,6 +3,11 @@
 Mesh axes: `data` (batch), `fsdp` (batch + weight sharding), `expert` (routed experts), `tensor`
 (heads, expert FFN width, vocabulary). A mesh axis that does not divide a dimension is dropped for
 that parameter (it is replicated along it) so tiny configs shard on any mesh.
+
+At rest parameters are sharded by the table (fsdp included); in use (`gathered`, inside each scanned
+row and the MTP block) they are constrained to the table without the fsdp axis, and activations
+between rows to the batch axes (`batch_sharded`): FSDP's gather-weights-per-layer, written down so
+XLA's propagation cannot choose to gather a batch of activations instead.
 """
 from __future__ import annotations
 
@@ -14,19 +19,23 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
+FSDP_AXES = ("fsdp",)  # mesh axes that shard weights only at rest: gathered for use (`gathered`)
+LAYERS_AXIS = "layers"  # logical axis of the stacked rows of a scanned segment (v4jax.stack)
 
 # logical axis -> mesh axis (or tuple of mesh axes), None = replicated
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "layers": None,  # stacked rows of a scanned segment (v4jax.stack): every device holds every layer
+    # activations' batch: over the expert axis too (MoE layers regroup the tokens by expert inside
+    # shard_map; elsewhere an expert axis left out of the batch would repeat every dense layer's work)
+    "batch": ("data", "fsdp", "expert"),
+    LAYERS_AXIS: None,  # stacked rows of a scanned segment (v4jax.stack): every device holds every layer
     "vocab": "tensor",
     "embed": "fsdp",
     "embed_out": None,
-    "q_lora": None,
+    "q_lora": "fsdp",  # wq_b / indexer wq_b [heads x dim, q_lora] have no embed dim: fsdp shards q_lora
     "heads_dim": "tensor",  # n_h * head_dim, query heads
     "heads": "tensor",
     "kv": None,
-    "o_in": "tensor",
+    "o_in": "fsdp",  # wo_a [groups x o_lora (tensor), heads x dim / groups]
     "o_lora": "tensor",
     "idx_heads_dim": "tensor",
     "idx_heads": "tensor",
@@ -70,7 +79,7 @@ def make_mesh(spec: str | dict | None = None, devices=None) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
-def spec_for(axes, shape, mesh: Mesh) -> P:
+def spec_for(axes, shape, mesh) -> P:
     """PartitionSpec for logical `axes` of an array of `shape` on `mesh` (non-dividing axes dropped)."""
     used: set[str] = set()
     out = []
@@ -99,5 +108,45 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """Batch-first arrays: dim 0 over (data, fsdp) where those divide it, the rest replicated."""
+    """Batch-first arrays: dim 0 over RULES["batch"] (data, fsdp, expert) where those divide it, the
+    rest replicated."""
     return NamedSharding(mesh, spec_for(("batch",) + (None,) * (len(shape) - 1), shape, mesh))
+
+
+def gathered(state, stacked: bool = True):
+    """Parameters (an nnx.State) as one row uses them, under the context mesh: FSDP-gathered, i.e.
+    constrained to the rules table's sharding without its fsdp axis (expert and tensor axes kept), and,
+    for a scanned row (`stacked`), without the leading "layers" axis. Pinned inside a row's body
+    (`stack.run_segment`), XLA gathers each layer's weights there, one layer at a time, instead of
+    gathering the batch of activations (or hoisting a gather of the whole [R, ...] stack out of the
+    loop: every layer's gathered weights at once)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return state
+
+    def one(var):
+        axes = tuple(var.get_metadata().get("axes") or ())
+        v = var.get_value()
+        if stacked and axes[:1] == (LAYERS_AXIS,):
+            axes = axes[1:]
+        if len(axes) != v.ndim:
+            return var
+        spec = [_without(a, FSDP_AXES) for a in spec_for(axes, v.shape, mesh)]
+        return var.replace(jax.lax.with_sharding_constraint(v, jax.sharding.NamedSharding(mesh, P(*spec))))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _without(entry, drop):
+    """A PartitionSpec entry (None, an axis, or a tuple of axes) without the mesh axes in `drop`."""
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in drop)
+    return None if not kept else kept[0] if len(kept) == 1 else kept
+
+
+def batch_sharded(x):
+    """Activations [B, ...] constrained to the batch axes of the rules table (no-op without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = spec_for(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))

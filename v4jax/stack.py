@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-LAYERS_AXIS = "layers"  # logical axis of the stacked rows (sharding.RULES: replicated)
+from .sharding import LAYERS_AXIS, batch_sharded, gathered
 MAX_PERIOD = 4
 
 
@@ -113,6 +113,8 @@ def run_segment(slots, x, body, xs_per_slot, remat: bool = False):
 
     def step(x, xs):
         states, extra = xs
+        states = [gathered(st) for st in states]
+        x = batch_sharded(x)
         outs = []
         for j, ((graphdef, _), st, e) in enumerate(zip(split, states, extra)):
             x, o = body(nnx.merge(graphdef, st), x, j, e)

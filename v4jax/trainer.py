@@ -211,26 +211,41 @@ class Trainer:
                 options=ocp.CheckpointManagerOptions(max_to_keep=rc.keep, enable_async_checkpointing=True))
 
     def _place(self, ts: dict) -> dict:
-        """Parameters and biases by the rules table; optimiser state and ring follow their params."""
+        """Parameters and biases by the rules table; the optimiser state's moments like their parameters
+        (`_opt_shardings`), its counters and the router ring replicated."""
         sh = {"params": state_shardings(ts["params"], self.mesh), "rest": state_shardings(ts["rest"], self.mesh)}
         ts = dict(ts, params=jax.device_put(ts["params"], sh["params"]), rest=jax.device_put(ts["rest"], sh["rest"]))
         repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        on_mesh = lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, repl)
-        ts["opt"] = jax.tree.map(on_mesh, jax.jit(self.tx.init)(ts["params"]))  # counters: replicated
+        ts["opt"] = jax.jit(self.tx.init, out_shardings=self._opt_shardings(ts["params"]))(ts["params"])
         ts["step"] = jax.device_put(ts["step"], repl)
         ts["router_ring"] = jax.device_put(ts["router_ring"], repl)
         return ts
 
+    def _opt_shardings(self, params):
+        """Shardings of the optimiser state: every params-shaped moment (Muon momentum, Adam mu / nu)
+        sharded like its parameter, everything else (counters) replicated. (XLA, left to itself,
+        replicates the outputs of `tx.init`: zeros tied to nothing.)"""
+        repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        keystr = jax.tree_util.keystr
+        by_path = {keystr(p): (leaf.shape, sh) for (p, leaf), sh in zip(
+            jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(state_shardings(params, self.mesh)))}
+
+        def one(path, leaf):  # a moment's path ends with its parameter's path (".trace['stack'][0]...")
+            for k in range(len(path)):
+                shape, sh = by_path.get(keystr(path[k:]), (None, None))
+                if shape == leaf.shape:
+                    return sh
+            return repl
+
+        return jax.tree_util.tree_map_with_path(one, jax.eval_shape(self.tx.init, params))
+
     def _place_abstract(self, ts: dict) -> dict:
-        """`_place` for ShapeDtypeStructs: the same rules; the optimiser state's shardings are the ones
-        `_place` gets (XLA's propagation through tx.init from the parameters), read off a compile."""
+        """`_place` for ShapeDtypeStructs (the same shardings, nothing allocated)."""
         sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
         repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         params = jax.tree.map(sds, ts["params"], state_shardings(ts["params"], self.mesh))
         rest = jax.tree.map(sds, ts["rest"], state_shardings(ts["rest"], self.mesh))
-        opt_sh = jax.jit(self.tx.init).lower(params).compile().output_shardings
-        opt_sh = jax.tree.map(lambda s: s if len(s.device_set) == self.mesh.size else repl, opt_sh)  # counters
-        return {"params": params, "rest": rest, "opt": jax.tree.map(sds, ts["opt"], opt_sh),
+        return {"params": params, "rest": rest, "opt": jax.tree.map(sds, ts["opt"], self._opt_shardings(params)),
                 "step": sds(ts["step"], repl), "router_ring": jax.tree.map(lambda x: sds(x, repl), ts["router_ring"])}
 
     def compile_plan(self, phase: str | None = None, seq_len: int | None = None) -> dict:
