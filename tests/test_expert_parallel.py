@@ -172,3 +172,12 @@ def test_train_step_ep_equals_single_device_dense():
     assert got_a2a and not ref_a2a
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     assert ref[1, 0] < ref[0, 0]  # the second step saw the updated parameters
+
+
+@pytest.mark.parametrize("mesh_spec", ["expert=4,tensor=2", "expert=8"])
+def test_decode_gather_per_shard_equals_dense(mesh_spec):
+    """Decode (T*k < E): each device runs only the pairs whose expert it holds; no expert is gathered."""
+    x, w, idx = _inputs(t=2, seed=4)
+    ref = _run(_experts(), "dense", None, x, w, idx)[0]
+    got, _ = _run(_experts(), "gather", make_mesh(mesh_spec), x, w, idx)
+    _assert_same(got, ref)

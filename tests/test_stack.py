@@ -123,3 +123,16 @@ def test_decode_equals_forward_on_repeated_layers(pair):
     for t in range(40, 48):
         _, logits = eng.decode(ids[:, t], SamplingConfig(), jax.random.key(0))
         np.testing.assert_allclose(np.asarray(logits), full[:, t], rtol=1e-4, atol=1e-4, err_msg=str(t))
+
+
+def test_relayout_moves_every_tensor(pair):
+    m = pair[True]["model"]
+    flat = checkpoint.relayout(m, scan_layers=False)
+    assert flat.plan == stack.layer_plan(m.cfg, scan=False) and flat.stack[2][0].attn.wq_a.weight.shape[0] == 1
+    back = checkpoint.relayout(flat, scan_layers=True)
+    want = _by_name(m)
+    for model in (flat, back):
+        got = _by_name(model)
+        assert got.keys() == want.keys()
+        for name, x in want.items():
+            np.testing.assert_array_equal(got[name], x, err_msg=name)

@@ -155,6 +155,30 @@ def hub_tensors(model: Transformer) -> dict[str, np.ndarray]:
     return {name: np.asarray(flat[p].get_value()[idx]) for name, (p, idx, _) in expected_tensors(model).items()}
 
 
+def relayout(model: Transformer, **runtime) -> Transformer:
+    """The same weights in another layer layout (e.g. `scan_layers=False`: one segment per layer, what
+    the decode engine runs, since its layers update their own state one by one and a row of a stacked
+    weight would be sliced out, i.e. copied, at every step). Row r of stacked slot (s, j) is layer
+    `plan[s].layer(j, r)` in both layouts; arrays keep their devices and shardings."""
+    import jax.numpy as jnp
+    cfg = model.cfg.with_runtime(**runtime)
+    target = abstract(cfg)
+    old = dict(nnx.to_flat_state(nnx.state(model)))
+    where = model.layer_index()
+    new = []
+    for path, var in nnx.to_flat_state(nnx.state(target)):
+        if path[0] != "stack":
+            new.append((path, var.replace(old[path].get_value())))
+            continue
+        seg, j, rest = target.plan[int(path[1])], int(path[2]), path[3:]
+        rows = []
+        for r in range(seg.reps):
+            s_old, j_old, r_old = where[seg.layer(j, r)]
+            rows.append(old[("stack", s_old, j_old) + rest].get_value()[r_old])
+        new.append((path, var.replace(jnp.stack(rows))))
+    return nnx.merge(nnx.graphdef(target), nnx.from_flat_state(new))
+
+
 # -------------------------------------------------------------------- decoding one tensor
 def decode_tensor(st: SafetensorsDir, name: str, want_shape: tuple) -> np.ndarray:
     """Reads tensor `name` (plus its `.scale`) and returns float32 / int values of `want_shape`."""

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .checkpoint import relayout
 from .sampling import SamplingConfig, sample
 from .scoring import check_tokens
 from .sharding import batch_sharding
@@ -184,6 +185,13 @@ def _params_mesh(params):
     return None
 
 
+def _under_mesh(fn, mesh):
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return call
+
+
 def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
@@ -206,6 +214,9 @@ class Engine:
                              f"(max_position_embeddings), got {max_context}")
         if speculative and not cfg.n_mtp:
             raise ValueError("speculative decoding needs an MTP block (num_nextn_predict_layers >= 1)")
+        if any(seg.reps > 1 for seg in model.plan):  # decode runs layer by layer: one array per layer
+            model = relayout(model, scan_layers=False)
+            cfg = model.cfg
         self.cfg, self.model = cfg, model
         self.graphdef, self.params = nnx.split(model)
         self.param_leaves, self._ptree = jax.tree.flatten(self.params)
@@ -225,7 +236,10 @@ class Engine:
         through make's lru_cache; cached here so a call does not hash the graphdef)."""
         k = (make, *static)
         if k not in self._fns:
-            self._fns[k] = make(self.graphdef, self._ptree, self.ratios, *static)
+            fn = make(self.graphdef, self._ptree, self.ratios, *static)
+            if self.mesh is not None:  # traced under the parameters' mesh: the MoE picks its per-shard paths
+                fn = _under_mesh(fn, self.mesh)
+            self._fns[k] = fn
         return self._fns[k]
 
     def knobs(self, sampling: SamplingConfig):
@@ -394,7 +408,7 @@ def compile_plan(cfg, devices, mesh, max_context: int, kv_layout: str | None = N
     from .model import abstract
     from .sharding import state_shardings
 
-    model = abstract(cfg)
+    model = abstract(cfg.with_runtime(scan_layers=False))  # the engine's layout (see Engine.__init__)
     graphdef, params = nnx.split(model)
     sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
     params = jax.tree.map(sds, params, state_shardings(params, mesh))

@@ -135,23 +135,15 @@ class Experts(nnx.Module):
     def gather(self, x_td, w_tk, idx_tk):
         """Few assignments (decode, T*k < E): a loop over the T*k (token, expert) pairs, each slicing its
         expert's three matrices (reading only the chosen experts' weights; a dynamic slice is a contiguous
-        copy, ~3x faster on XLA:CPU than gathering [T, k, F, d] at once) -> y_td fp32."""
-        t, k = idx_tk.shape
-        dt = x_td.dtype
-
-        def one(a):
-            e, x_d, r = a
-            g = jnp.einsum("d,fd->f", x_d, self.read("w1", e).astype(dt), precision=HIGHEST)
-            u = jnp.einsum("d,fd->f", x_d, self.read("w3", e).astype(dt), precision=HIGHEST)
-            h = (swiglu(g, u, self.limit) * r).astype(dt)
-            return jnp.einsum("f,df->d", h, self.read("w2", e).astype(dt), precision=HIGHEST,
-                              preferred_element_type=jnp.float32)
-
-        a = t * k  # up to 8 pairs unrolled: no loop (a while loop costs ~40 us per decode step on XLA:CPU)
-        _, y_ad = jax.lax.scan(lambda c, xs: (c, one(xs)), None,
-                               (idx_tk.reshape(-1), jnp.repeat(x_td, k, axis=0), w_tk.reshape(-1)),
-                               unroll=a <= 8)
-        return y_ad.reshape(t, k, -1).sum(axis=1)
+        copy, ~3x faster on XLA:CPU than gathering [T, k, F, d] at once) -> y_td fp32. Under a mesh whose
+        expert axis shards the experts, every device slices only its own (`gather_per_shard`): a slice
+        at a traced expert index of the sharded array would make XLA gather every expert first."""
+        e, f = self.w1.shape[:2]
+        layout = ep_layout(x_td.shape[0], e, f, tokens_split=False)
+        if layout is not None:
+            return gather_per_shard(x_td, w_tk, idx_tk, [self.read(n) for n in ("w1", "w2", "w3")], layout,
+                                    self.limit)
+        return gather_pairs(x_td, w_tk, idx_tk, self.read, self.limit)
 
     def grouped(self, x_td, w_tk, idx_tk):
         """Sorted dispatch (`grouped_matmul.dispatch`): rows grouped by expert in tiles of one expert each,
@@ -203,6 +195,47 @@ class MoE(nnx.Module):
         return y.astype(x_btd.dtype).reshape(b, t, d), aux
 
 
+def gather_pairs(x_td, w_tk, idx_tk, read, limit: float, mask_tk=None):
+    """sum_k r[t, k] * FFN_{idx[t, k]}(x[t]) [T, d] fp32, one (token, expert) pair at a time; `read(name, e)`
+    gives expert e's matrix [o, i]; `mask_tk` (optional) zeroes pairs (experts held elsewhere)."""
+    t, k = idx_tk.shape
+    dt = x_td.dtype
+    r_tk = w_tk if mask_tk is None else jnp.where(mask_tk, w_tk, 0.0)
+
+    def one(a):
+        e, x_d, r = a
+        g = jnp.einsum("d,fd->f", x_d, read("w1", e).astype(dt), precision=HIGHEST)
+        u = jnp.einsum("d,fd->f", x_d, read("w3", e).astype(dt), precision=HIGHEST)
+        h = (swiglu(g, u, limit) * r).astype(dt)
+        return jnp.einsum("f,df->d", h, read("w2", e).astype(dt), precision=HIGHEST,
+                          preferred_element_type=jnp.float32)
+
+    a = t * k  # up to 8 pairs unrolled: no loop (a while loop costs ~40 us per decode step on XLA:CPU)
+    _, y_ad = jax.lax.scan(lambda c, xs: (c, one(xs)), None,
+                           (idx_tk.reshape(-1), jnp.repeat(x_td, k, axis=0), r_tk.reshape(-1)), unroll=a <= 8)
+    return y_ad.reshape(t, k, -1).sum(axis=1)
+
+
+def gather_per_shard(x_td, r_tk, idx_tk, weights, layout, limit: float):
+    """`gather_pairs` with the experts sharded over the layout's expert axis (decode): every device has
+    all T tokens, runs the pairs whose expert it holds on its local slices (the others masked to
+    zero), and a psum over the expert axis (and the FFN-width axis, when it splits F) adds them up."""
+    mesh, _, ax, tp = layout
+
+    def body(x, r, idx, w1, w2, w3):
+        n_local = w1.shape[0]
+        local = idx - jax.lax.axis_index(ax) * n_local
+        mine = (local >= 0) & (local < n_local)
+        ws = {"w1": w1, "w2": w2, "w3": w3}
+        read = lambda name, e: jax.lax.dynamic_index_in_dim(ws[name], e, keepdims=False)  # noqa: E731
+        y = gather_pairs(x, r, jnp.clip(local, 0, n_local - 1), read, limit, mine)
+        return jax.lax.psum(y, (ax,) if tp is None else (ax, tp))
+
+    w13, w2 = P(ax, tp, None), P(ax, None, tp)
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), w13, w2, w13), out_specs=P(),
+                         check_vma=False)(x_td, r_tk, idx_tk, *weights)
+
+
 def grouped_per_shard(x_td, r_tk, idx_tk, weights: dict, mesh, act, kernel: str):
     """The "grouped" dispatch with a Pallas kernel (megablox; XLA cannot partition a Mosaic call) on a
     mesh: under `jax.shard_map` every device sorts and multiplies its own tokens (split over the batch
@@ -227,12 +260,13 @@ def grouped_per_shard(x_td, r_tk, idx_tk, weights: dict, mesh, act, kernel: str)
 
 
 # ---------------------------------------------------------------------------- expert parallelism
-def ep_layout(n_tokens: int, n_experts: int, ffn: int):
+def ep_layout(n_tokens: int, n_experts: int, ffn: int, tokens_split: bool = True):
     """-> (mesh, token axes, expert axis, tensor axis or None) for the "ep" dispatch, or None.
 
     The mesh is the context one (`jax.set_mesh(mesh)`; abstract inside jit). "ep" needs an expert axis
     (RULES["experts"]) > 1 dividing the experts, and the tokens divisible by the batch axes times the
-    expert axis (tokens are sharded over the batch axes, then split across the expert axis). The
+    expert axis (tokens are sharded over the batch axes, then split across the expert axis; not needed
+    with `tokens_split=False`, the decode gather, where every device sees every token). The
     expert FFN width stays sharded over the tensor axis when that divides it (as `spec_for` does)."""
     mesh = jax.sharding.get_abstract_mesh()
     ax = RULES["experts"]
@@ -241,7 +275,7 @@ def ep_layout(n_tokens: int, n_experts: int, ffn: int):
     batch = RULES["batch"]
     batch = (batch,) if isinstance(batch, str) else tuple(batch or ())
     tok = tuple(a for a in batch if a in mesh.shape and a != ax) + (ax,)
-    if n_tokens % math.prod(mesh.shape[a] for a in tok):
+    if tokens_split and n_tokens % math.prod(mesh.shape[a] for a in tok):
         return None
     tp = RULES["moe_mlp"]
     tp = tp if isinstance(tp, str) and mesh.shape.get(tp, 1) > 1 and ffn % mesh.shape[tp] == 0 else None
