@@ -88,7 +88,7 @@ def test_out_of_memory_is_a_plan_not_a_crash():
     err = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
                        "temporaries (109.25G) exceeds available HBM (95.74G).")
     rep = aot._out_of_memory(err, chip, 1.0)
-    assert rep["fits"] is False and rep["per_device"]["temp_gib"] == 109.25
+    assert rep["fits"] is False and rep["per_device"]["required_gib"] == 109.25
     with pytest.raises(RuntimeError, match="other"):
         aot._out_of_memory(RuntimeError("some other failure"), chip, 1.0)
 

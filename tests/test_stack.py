@@ -1,6 +1,5 @@
 """The scanned layer stack: segment plans, scanned = unrolled (values and gradients), program size
 independent of depth, hub names through the stacked parameters, decode = forward on repeated layers."""
-import dataclasses
 import json
 import os
 

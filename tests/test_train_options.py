@@ -22,7 +22,8 @@ from v4jax import model as M
 from v4jax import training as T
 from v4jax.config import ConfigError, ModelConfig
 from v4jax.sharding import batch_sharding
-from v4jax.trainer import RunConfig, StagedBatches, Trainer, parse_qat, parse_seq_stages
+from v4jax.data import StagedBatches
+from v4jax.trainer import RunConfig, Trainer, parse_qat, parse_seq_stages
 
 QAT_ALL = "fp8_linear,fp4_experts,fp4_indexer"
 # The train steps here run a few times each: XLA's CPU backend compiles them about twice as fast unoptimised.

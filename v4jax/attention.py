@@ -144,7 +144,12 @@ class Attention(nnx.Module):
             new_state["comp"], ent_seg = self.compressor(x_btd, pos_bt, seg_bt, start_b, state["comp"], inv_freq,
                                                          cfg.qat_sim, valid_b)
             n = self._rows(new_state["comp"]["kv"], context_limit)
-            comp = (kvstore.decode(_first_rows(new_state["comp"]["kv"], n), dtype), ent_seg[:, :n])
+            rows = _first_rows(new_state["comp"]["kv"], n)
+            # CSA's sparse branch decodes only the k rows it gathers from a quantised store (decode at
+            # 1M context would otherwise dequantise all N/4 entries of every CSA layer at every step)
+            lazy = (self.ratio == 4 and kvstore.is_quantised(rows) and cfg.csa_mode != "dense"
+                    and cfg.attention_kernel == "jnp")
+            comp = (rows if lazy else kvstore.decode(rows, dtype), ent_seg[:, :n])
         if self.ratio == 4:
             # with the indexer loss on (training recipe), the indexer learns from detached inputs only
             xi, cqi = (jax.lax.stop_gradient(x_btd), jax.lax.stop_gradient(cq)) if cfg.indexer_loss else (x_btd, cq)
@@ -230,7 +235,8 @@ def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, 
     qseg = jnp.pad(seg_t, (0, pad), constant_values=-1)
     ext = jnp.concatenate([win_wc, kv_tc, jnp.zeros((pad, c), kv_tc.dtype)], axis=0)  # [W + Tp, c]
     kseg = jnp.concatenate([jnp.zeros((window,), seg_t.dtype), seg_t, jnp.full((pad,), -2, seg_t.dtype)])
-    comp_nc, cseg = comp if comp is not None else (None, None)
+    comp_nc, cseg = comp if comp is not None else (None, None)  # entries: rows [N, c] or a quantised store
+    n_ent = None if comp_nc is None else kvstore.length(comp_nc)
     if index is not None:
         qi, wi, ki = index
         qi = jnp.pad(qi, ((0, pad), (0, 0), (0, 0)))
@@ -247,7 +253,7 @@ def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, 
         vals = idx = score = None
         if ratio:
             pos = start + j0 + jnp.arange(block)  # [Q]
-            ok = (jnp.arange(comp_nc.shape[0])[None, :] < ((pos + 1) // ratio)[:, None]) & (cseg[None, :] == qs)
+            ok = (jnp.arange(kvstore.length(comp_nc))[None, :] < ((pos + 1) // ratio)[:, None]) & (cseg[None, :] == qs)
             iblk = None if index is None else tuple(jax.lax.dynamic_slice_in_dim(a, j0, block) for a in (qi, wi))
             if iblk is not None and not csa_dense and kernel != "jnp":
                 jj, r = jnp.arange(block)[:, None], jnp.arange(block + window)[None, :]
@@ -263,14 +269,14 @@ def attend_sequence(q_thc, kv_tc, win_wc, comp, index, start, seg_t, sink_h, *, 
 
     outs = []
     for b0, b1 in _block_groups(nblk, groups):
-        n = None if comp_nc is None else min(comp_nc.shape[0], max(1, b1 * block // ratio) if groups > 1 else 1 << 62)
-        one = functools.partial(one_block, comp_nc=None if comp_nc is None else comp_nc[:n],
+        n = None if comp_nc is None else min(n_ent, max(1, b1 * block // ratio) if groups > 1 else 1 << 62)
+        one = functools.partial(one_block, comp_nc=None if comp_nc is None else jax.tree.map(lambda a: a[:n], comp_nc),
                                 cseg=None if cseg is None else cseg[:n], ki=None if index is None else ki[:n])
         # rematerialised: the backward recomputes a block's logits and probabilities instead of keeping
         # them for every block (that would be T x (Q + W + k or N) per head: an S x S/m buffer for HCA)
         o, idx, kl = jax.lax.map(jax.checkpoint(one), jnp.arange(b0, b1))
-        if idx is not None and idx.shape[-1] < min(topk, comp_nc.shape[0]):  # an early group: fewer entries
-            idx = jnp.pad(idx, ((0, 0), (0, 0), (0, min(topk, comp_nc.shape[0]) - idx.shape[-1])), constant_values=-1)
+        if idx is not None and idx.shape[-1] < min(topk, n_ent):  # an early group: fewer entries
+            idx = jnp.pad(idx, ((0, 0), (0, 0), (0, min(topk, n_ent) - idx.shape[-1])), constant_values=-1)
         outs.append((o, idx, kl))
     o, idx, kl = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *outs)
     o = o.reshape(tp, h, c)[:t]
@@ -321,9 +327,16 @@ def _compressed_branch(q, comp_nc, ok_qn, iblk, ki, topk, scale, csa_dense):
         _, idx = jax.lax.top_k(s, min(topk, s.shape[-1]))
         return lg, comp_nc, idx, s
     idx, val = _csa_topk(iblk, ki, ok_qn, topk)
-    vals = comp_nc[jnp.maximum(idx, 0)]  # [Q, k, c]: a gather, never a mask
+    vals = _gather_rows(comp_nc, jnp.maximum(idx, 0), q.dtype)  # [Q, k, c]: a gather, never a mask
     lg = jnp.einsum("qhc,qkc->qhk", q, vals, precision=HIGHEST) * scale
     return jnp.where((idx >= 0)[:, None, :], lg, -jnp.inf), vals, idx, val
+
+
+def _gather_rows(store, idx, dtype):
+    """Entry rows store[idx] in `dtype`; a quantised store is gathered first, then only those rows decoded."""
+    if kvstore.is_quantised(store):
+        return kvstore.decode(jax.tree.map(lambda a: a[idx], store), dtype)
+    return store[idx]
 
 
 def _csa_topk(iblk, ki, ok_qn, topk):

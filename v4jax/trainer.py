@@ -12,7 +12,6 @@ resumes from its last checkpoint and logs the same losses as an uninterrupted ru
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from . import data as data_lib
+from .data import StagedBatches
 from . import model as M
 from . import optim
 from . import training as T
@@ -484,58 +484,6 @@ def parse_qat(spec: str) -> dict:
             raise ValueError(f"qat: unknown option '{name}' ({', '.join(QAT_OPTIONS)})")
         out[QAT_OPTIONS[name]] = True
     return out
-
-
-class StagedBatches:
-    """The batches of a run whose sequence length may change between steps (`seq_stages`).
-
-    One `PackedBatches` stream packs the documents into rows of `base` tokens (the gcd of the stage
-    lengths), `rows` x process_count rows per pull (the global batch; every host reads the whole
-    stream, as PackedBatches itself does, and keeps rows process_index::process_count). A batch of
-    sequence length S = r * base joins r pulls: r consecutive rows of the stream become one row, and a
-    document cut where two rows meet continues in the same segment with its positions running on.
-    Packing is concatenate-then-split, so that is exactly the batch a stream packed at S would give
-    (tests/test_train_options.py); the only state is the one stream's, so `get_state` / `set_state`
-    resume anywhere, a stage boundary included, and stages can be added when resuming as long as the
-    gcd of their lengths stays the same. (A continuation is recognised by not starting with BOS; a
-    document piece that starts with a literal BOS token in its text is kept as its own segment.)"""
-
-    def __init__(self, sources, tokenizer, rows: int, seq_lens, seed: int, process_index: int = 0,
-                 process_count: int = 1, *, align: int = 1):
-        self.base = functools.reduce(math.gcd, seq_lens)
-        self.bos_id = tokenizer.bos_id
-        self.process_index, self.process_count = process_index, process_count
-        self.stream = data_lib.PackedBatches(sources, tokenizer, rows * process_count, self.base, seed, align=align)
-
-    def take(self, seq_len: int) -> dict:
-        """This host's next batch, int32 [rows, seq_len] each."""
-        if seq_len % self.base:
-            raise ValueError(f"sequence length {seq_len} is not a multiple of {self.base}")
-        r = seq_len // self.base
-        pulls = [next(self.stream) for _ in range(r)]
-        batch = join_rows({k: np.concatenate([p[k] for p in pulls]) for k in pulls[0]}, r, self.bos_id)
-        return {k: np.ascontiguousarray(v[self.process_index::self.process_count]) for k, v in batch.items()}
-
-    def get_state(self) -> dict:
-        return self.stream.get_state()
-
-    def set_state(self, state: dict) -> None:
-        self.stream.set_state(state)
-
-
-def join_rows(batch: dict, r: int, bos_id: int) -> dict:
-    """Packed rows [N * r, L] in stream order -> [N, r * L]: every r consecutive rows joined, a piece of
-    a document that does not start with BOS merged into the previous row's last segment."""
-    tok, seg, pos = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions"))
-    n, length = tok.shape[0] // r, tok.shape[1]
-    tok, seg, pos = (x.reshape(n, r, length).copy() for x in (tok, seg, pos))
-    for j in range(1, r):
-        cont = tok[:, j, 0] != bos_id  # [N]: the row starts inside a document
-        seg[:, j] += (seg[:, j - 1, -1] - cont.astype(seg.dtype))[:, None]
-        first = cont[:, None] & (seg[:, j] == seg[:, j - 1, -1][:, None])
-        pos[:, j] += np.where(first, pos[:, j - 1, -1][:, None] + 1, 0).astype(pos.dtype)
-    return {"tokens": tok.reshape(n, r * length), "segment_ids": seg.reshape(n, r * length),
-            "positions": pos.reshape(n, r * length)}
 
 
 def _record(step, met, lr, tps, ar) -> dict:
