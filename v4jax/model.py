@@ -147,7 +147,7 @@ class Transformer(nnx.Module):
         """Every segment as one scan over its rows -> (x, aux_stacked, hidden per layer or None)."""
         ids_bt, start_b, pos, seg_ids, valid_b, limit = args
 
-        def body(blk, x, j, stale):
+        def body(blk, x, stale):
             x, _, aux = blk(x, ids_bt, start_b, None, stale, pos, seg_ids, valid_b, limit)
             return x, (aux, x if collect else None)
 

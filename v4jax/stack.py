@@ -44,10 +44,6 @@ class Segment:
     def layer(self, slot: int, row: int) -> int:
         return self.first + row * self.period + slot
 
-    @property
-    def layers(self) -> range:
-        return range(self.first, self.first + self.period * self.reps)
-
 
 def layer_kind_key(cfg, layer: int) -> tuple[int, bool]:
     return cfg.layer_ratio(layer), cfg.is_hash_layer(layer)
@@ -104,7 +100,7 @@ def row_view(module, row):
 
 
 def run_segment(slots, x, body, xs_per_slot, remat: bool = False):
-    """Scan `body(block, x, slot, slot_xs) -> (x, out)` over the rows of a segment's slots.
+    """Scan `body(block, x, slot_xs) -> (x, out)` over the rows of a segment's slots.
 
     `xs_per_slot[j]`: a pytree with leading dim reps (or None) handed to slot j's call at each row.
     -> (x, [stacked out per slot]). With `remat` each row's blocks are rematerialised in the
@@ -116,8 +112,8 @@ def run_segment(slots, x, body, xs_per_slot, remat: bool = False):
         states = [gathered(st) for st in states]
         x = batch_sharded(x)
         outs = []
-        for j, ((graphdef, _), st, e) in enumerate(zip(split, states, extra)):
-            x, o = body(nnx.merge(graphdef, st), x, j, e)
+        for (graphdef, _), st, e in zip(split, states, extra):
+            x, o = body(nnx.merge(graphdef, st), x, e)
             outs.append(o)
         return x, outs
 
