@@ -8,15 +8,17 @@
                         /authority /read_url URL answer quick instructions, /reset, /exit
   python infer.py kv-report --config CONFIG.json --context N [--kv-dtype fp8|bfloat16]
   python infer.py compile --config CONFIG --topology v6e:2x4 --max-context 1048576 [--kv-dtype fp8]
-                        [--batch B] [--chunk N] [--mesh expert=8] [--dtype bfloat16]
+                        [--batch B] [--chunk N] [--mesh expert=8] [--dtype bfloat16] [--weights native|bf16]
                         the engine's prefill-chunk and decode steps compiled for a TPU slice (needs
                         libtpu, no TPU): per-device memory against HBM, fits, compile seconds (JSON)
   python infer.py render --messages MESSAGES.json [--tools TOOLS.json] [--mode ...] [--prompt-texts FILE]
   python infer.py score --checkpoint DIR --tokens TOKENS.npy --out OUT.npz [--prefill N]
-                        [--dtype float32|bfloat16] [--qat-sim] [--mesh data=2,tensor=2]
+                        [--dtype float32|bfloat16] [--qat-sim] [--mesh data=2,tensor=2] [--weights native|bf16]
 
 DIR is a hub-format directory (config.json + *.safetensors [+ tokenizer.json]) or a train.py --out
-directory. Without a tokenizer.json the byte tokenizer is used (the tiny default).
+directory. Without a tokenizer.json the byte tokenizer is used (the tiny default). The FP8 / FP4 tensors
+of a quantised hub checkpoint stay in their formats on device (`--weights native`, the default; `bf16`
+dequantises them while loading).
 
 `score` writes `logits` [B, S, V] float32 for every position (one full forward, or with --prefill N
 a prefill of N tokens followed by one-token decode steps) and, when the model has an MTP block,
@@ -31,6 +33,10 @@ import sys
 import time
 
 
+WEIGHTS_HELP = ("native (default): FP8/FP4 tensors of a quantised checkpoint stay as stored, dequantised inside "
+                "each step; bf16: dequantised to --dtype while loading (the weights take 2-4x the memory)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -43,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--qat-sim", action="store_true", help="official FP8 KV / FP4 indexer simulations")
     s.add_argument("--mesh", default=None, help="e.g. data=2,expert=2,tensor=2 (default: one device)")
+    s.add_argument("--weights", choices=("native", "bf16"), default="native", help=WEIGHTS_HELP)
 
     for name in ("generate", "chat"):
         g = sub.add_parser(name, help="sample a reply to --prompt" if name == "generate" else "interactive chat")
@@ -64,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
         g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: DIR/tokenizer.json, else bytes)")
         g.add_argument("--prompt-texts", default=None, help="official prompt blocks: JSON or encoding_dsv4.py")
         g.add_argument("--mesh", default=None)
+        g.add_argument("--weights", choices=("native", "bf16"), default="native", help=WEIGHTS_HELP)
 
     k = sub.add_parser("kv-report", help="decode-state bytes of one sequence (JSON)")
     k.add_argument("--config", required=True, help="config.json, a directory holding one, or a configs/ name")
@@ -80,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--mesh", default=None, help="default: every device on the expert axis")
     c.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
                    help="compute and parameter dtype (default bfloat16)")
+    c.add_argument("--weights", choices=("native", "bf16"), default="native", help=WEIGHTS_HELP)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model run-time key, e.g. attention_kernel=pallas_tpu, moe_kernel=megablox")
 
@@ -103,7 +112,8 @@ def cmd_score(args) -> int:
     tokens = np.load(args.tokens)
     mesh = make_mesh(args.mesh) if args.mesh else None
     t0 = time.time()
-    model = load_model(args.checkpoint, mesh, dtype=args.dtype, param_dtype=args.dtype, qat_sim=args.qat_sim)
+    model = load_model(args.checkpoint, mesh, dtype=args.dtype, param_dtype=args.dtype, qat_sim=args.qat_sim,
+                       native_weights=args.weights == "native")
     tokens = scoring.check_tokens(tokens, model.cfg.vocab_size)
     print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s; scoring {tokens.shape[0]}x{tokens.shape[1]} tokens",
           file=sys.stderr)
@@ -143,13 +153,15 @@ def cmd_compile(args) -> int:
     from v4jax.config import ModelConfig, parse_runtime
 
     devices = aot.tpu_devices(args.topology)
-    cfg = ModelConfig.from_hub(_config_path(args.config), dtype=args.dtype, param_dtype=args.dtype,
-                               **parse_runtime(args.set))
+    runtime = {"dtype": args.dtype, "param_dtype": args.dtype, "native_weights": args.weights == "native",
+               **parse_runtime(args.set)}  # --set may override --dtype
+    cfg = ModelConfig.from_hub(_config_path(args.config), **runtime)
     if not 0 < args.max_context <= cfg.max_position_embeddings:
         raise ValueError(f"--max-context must be within 1..{cfg.max_position_embeddings}, got {args.max_context}")
     mesh = aot.mesh_for(args.mesh, devices, prefer=("expert",))
     plan = engine.compile_plan(cfg, devices, mesh, args.max_context, args.kv_dtype, args.batch, args.chunk)
     print(json.dumps({"topology": args.topology, "config": args.config, "mesh": dict(mesh.shape),
+                      "weights": args.weights if cfg.weight_format == "fp8" else cfg.param_dtype,
                       "max_context": args.max_context, "kv_dtype": args.kv_dtype or args.dtype, "batch": args.batch,
                       **{k: aot.public(v) for k, v in plan.items()}}, indent=1))
     return 0
@@ -182,14 +194,14 @@ def _session_parts(args):
     modes = chat.MODES + (("raw",) if args.cmd == "generate" else ())
     if args.mode not in modes:
         raise ValueError(f"unknown mode '{args.mode}': use one of {', '.join(modes)}")
-    tok_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.json")
-    tok = load_tokenizer(tok_path if os.path.exists(tok_path) else None)
+    tok = load_tokenizer(args.tokenizer, default=os.path.join(args.checkpoint, "tokenizer.json"))
     texts = chat.load_prompt_texts(args.prompt_texts) if args.prompt_texts else chat.DEFAULT_TEXTS
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop))
     mesh = make_mesh(args.mesh) if args.mesh else None
     t0 = time.time()
-    model = load_model(args.checkpoint, mesh, dtype=args.dtype, param_dtype=args.dtype)
+    model = load_model(args.checkpoint, mesh, dtype=args.dtype, param_dtype=args.dtype,
+                       native_weights=args.weights == "native")
     engine = Engine(model, args.max_context, kv_layout=args.kv_dtype, speculative=args.speculative,
                     min_bucket=min(1024, args.max_context))
     print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -273,6 +285,7 @@ def load_model(path: str, mesh=None, **runtime):
         raise checkpoint.CheckpointError(f"no checkpoint directory {path}")
     if any(f.endswith(".safetensors") for f in os.listdir(path)):
         return checkpoint.load_hub(path, mesh=mesh, **runtime)
+    runtime.pop("native_weights", None)  # a training run holds its fp32 master weights, nothing quantised
     return load_trained(path, **runtime)
 
 

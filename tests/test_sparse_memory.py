@@ -75,3 +75,38 @@ def test_training_memory_grows_linearly():
     print(f"fwd+bwd temp memory: S=8192 {temp[8192] / 2**20:.0f} MiB, S=16384 {temp[16384] / 2**20:.0f} MiB, "
           f"ratio {ratio:.3f}")
     assert ratio < 2.08, ratio
+
+
+def test_indexer_scores_are_blocked_over_keys(monkeypatch):
+    """The indexer's [keys, Q, H] products exist one key block at a time: at N = 65,536 compressed
+    entries (256K tokens) a 128-query block compiles to temporaries of a few [N, Q] score rows, not the
+    2 GiB of all products; blocked scores equal unblocked ones."""
+    from v4jax import attention as A
+
+    n, nq, h, d = 1 << 16, 128, 64, 128
+    sds = jax.ShapeDtypeStruct
+    args = (sds((nq, h, d), jnp.bfloat16), sds((nq, h), jnp.float32), sds((n, d), jnp.bfloat16), sds((nq, n), bool))
+    def temp():
+        fresh = lambda *a: A.index_scores(*a)  # noqa: E731 - a new function: no cached trace
+        return jax.jit(fresh).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    blocked, products = temp(), n * nq * h * 4
+    with monkeypatch.context() as mp:
+        mp.setattr(A, "INDEX_SLAB", products)  # one block: every product at once
+        unblocked = temp()
+    print(f"indexer, N={n}, Q={nq}, H={h}: compiled temp {blocked / 2**20:.0f} MiB in blocks of "
+          f"{A._key_block(n, nq * h)} keys, {unblocked / 2**20:.0f} MiB unblocked (products {products / 2**20:.0f} MiB)")
+    assert A._key_block(n, nq * h) == A.INDEX_SLAB // (nq * h) == 4096
+    assert unblocked >= products and blocked < products // 4
+
+    k = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(k[0], (2, 16, 4, 32))
+    w = jax.random.normal(k[1], (2, 16, 4))
+    keys = jax.random.normal(k[2], (2, 1024, 32))
+    ok = jax.random.bernoulli(k[3], 0.7, (2, 16, 1024))
+    full = jax.vmap(A.index_scores)(q, w, keys, ok)
+    monkeypatch.setattr(A, "INDEX_SLAB", 128 * 16 * 4)  # 128-key blocks
+    assert A._key_block(1024, 16 * 4) == 128
+    blocked = jax.jit(jax.vmap(A.index_scores))(q, w, keys, ok)
+    assert jnp.array_equal(jnp.isfinite(full), jnp.isfinite(blocked)) and (~jnp.isfinite(full)).any()
+    assert float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(full), full - blocked, 0.0)))) <= 1e-5

@@ -171,7 +171,7 @@ class Attention(nnx.Module):
         b, t = o_bthc.shape[:2]
         g = self.groups
         o = o_bthc.reshape(b, t, g, -1)
-        wo_a = self.wo_a.weight[...].reshape(g, -1, o.shape[-1]).astype(o.dtype)
+        wo_a = self.wo_a.read(o.dtype, after=o).reshape(g, -1, o.shape[-1])
         z = jnp.einsum("btgi,gri->btgr", o, wo_a, precision=HIGHEST)
         return self.wo_b(z.reshape(b, t, -1))
 
@@ -393,11 +393,38 @@ def _sink_softmax_mix(logits, win_keys, comp_vals, sink_h):
     return o, p
 
 
+INDEX_SLAB = 1 << 25  # most elements of one [keys, Q, H] slab of indexer products (128 MiB in fp32)
+
+
 def index_scores(q_qhd, w_qh, k_nd, ok_qn):
     """Lightning-indexer scores sum_h w[q,h] relu(q[q,h].k[n]) [Q, N]; -inf where not causal/same document.
 
     The keys are the dot's left operand (n first), so XLA streams the long key buffer as stored
-    instead of transposing it at every decode step."""
+    instead of transposing it at every decode step. The products [N, Q, H] exist one key block at a
+    time (`_key_block`): a 128-query prefill block at 1M context (N = 262,144, H = 64) would otherwise
+    hold 8.6 GB of them; decode (Q = 1) and training lengths fit in one block."""
+    n, (nq, h) = k_nd.shape[0], w_qh.shape
+    blk = _key_block(n, nq * h)
+    if blk == n:
+        s_nq = _weighted_relu_scores(k_nd, q_qhd, w_qh)
+    else:  # blocks of keys in turn: [N/blk, blk, d] -> [N/blk, blk, Q]
+        s_nq = jax.lax.map(lambda k_bd: _weighted_relu_scores(k_bd, q_qhd, w_qh),
+                           k_nd.reshape(n // blk, blk, -1)).reshape(n, nq)
+    return jnp.where(ok_qn, s_nq.T, -jnp.inf)
+
+
+def _weighted_relu_scores(k_nd, q_qhd, w_qh):
+    """[N, d] keys, [Q, H, d] queries, [Q, H] weights -> sum_h w relu(q.k) [N, Q] fp32."""
     s = jnp.einsum("nd,qhd->nqh", k_nd, q_qhd, precision=HIGHEST).astype(jnp.float32)
-    s = jnp.einsum("nqh,qh->nq", jax.nn.relu(s), w_qh, precision=HIGHEST)
-    return jnp.where(ok_qn, s.T, -jnp.inf)
+    return jnp.einsum("nqh,qh->nq", jax.nn.relu(s), w_qh, precision=HIGHEST)
+
+
+def _key_block(n: int, qh: int) -> int:
+    """Keys per indexer block: all n when n x qh <= INDEX_SLAB, else the largest power of two dividing
+    n with block x qh <= INDEX_SLAB (all n when that is under 128 keys)."""
+    if n * qh <= INDEX_SLAB:
+        return n
+    blk = 1 << max(0, (INDEX_SLAB // qh).bit_length() - 1)
+    while n % blk:
+        blk //= 2
+    return blk if blk >= 128 else n

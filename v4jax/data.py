@@ -137,9 +137,23 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def load_tokenizer(path=None):
-    """ByteTokenizer when `path` is None, else HFTokenizer(path)."""
-    return ByteTokenizer() if path is None else HFTokenizer(path)
+def load_tokenizer(path=None, default=None):
+    """HFTokenizer(path) for a given `path`, which must be a tokenizer.json file; without one,
+    HFTokenizer(default) when `default` (e.g. a checkpoint's tokenizer.json) exists, else ByteTokenizer."""
+    from .validate import ConfigError
+
+    if path is None:
+        if default is None or not os.path.isfile(default):
+            return ByteTokenizer()
+        path = default
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        what = "is a directory, not a tokenizer.json file" if os.path.isdir(path) else "no such file"
+        raise ConfigError(f"tokenizer {path}: {what}")
+    try:
+        return HFTokenizer(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot read
+        raise ConfigError(f"tokenizer {path}: not a readable tokenizer.json ({e})") from None
 
 
 # ------------------------------------------------------------------------------------ documents

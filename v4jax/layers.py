@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import mhc, quant
+from . import mhc, native, quant
 from .config import ModelConfig, yarn_correction_range
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -80,15 +80,27 @@ class Linear(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, fan_in: int, fan_out: int, axes, rngs, role: str = "matrix",
                  fp8: bool | None = None):
-        self.weight = param(rngs, (fan_out, fan_in), axes, role, std=init_std(cfg, fan_in), dtype=cfg.param_dtype)
         if fp8 is None:
             fp8 = role == "matrix" and not self.NOT_FP8_AXES & set(axes)
         self.qat_fp8 = bool(cfg.qat_fp8_linear and fp8)
+        self.fmt = native.linear_format(cfg) if fp8 else None  # "fp8": codes + scales as stored
+        if self.fmt:
+            self.weight, self.scale = native.quantised(self.fmt, (fan_out, fan_in), axes, role)
+        else:
+            self.weight = param(rngs, (fan_out, fan_in), axes, role, std=init_std(cfg, fan_in),
+                                dtype=cfg.param_dtype)
+
+    def read(self, dtype=jnp.float32, after=None) -> jax.Array:
+        """The weight [out, in] in `dtype` (native FP8 codes dequantised here, inside the step, once
+        `after` (the input) exists: `native.dequant`)."""
+        if self.fmt:
+            return native.dequant(self.fmt, self.weight[...], self.scale[...], dtype, after)
+        return self.weight[...].astype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.qat_fp8:
             return dense(quant.fp8_act_fake(x), quant.fp8_weight_fake(self.weight[...]))
-        return dense(x, self.weight[...])
+        return dense(x, self.read(x.dtype, after=x) if self.fmt else self.weight[...])
 
 
 # ------------------------------------------------------------------ RMSNorm

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from . import grouped_matmul, quant
+from . import grouped_matmul, native, quant
 from .config import ModelConfig
 from .layers import HIGHEST, BalanceBias, Buffer, Linear, init_std, param
 from .sharding import RULES, spec_for
@@ -106,30 +106,49 @@ class Experts(nnx.Module):
         self.capacity_factor = float(getattr(cfg, "moe_capacity_factor", 0.0))  # "ep" only; 0 = exact
         self.qat_fp4 = bool(cfg.qat_fp4_experts)
         self.kernel = getattr(cfg, "moe_kernel", "jnp")  # "grouped" only: the grouped-matmul kernel
-        kw = dict(role="expert", dtype=cfg.param_dtype)
-        self.w1 = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), std=init_std(cfg, d), **kw)
-        self.w2 = param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), std=init_std(cfg, f), **kw)
-        self.w3 = param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), std=init_std(cfg, d), **kw)
+        self.fmt = native.expert_format(cfg)  # "fp4" / "fp8": codes + `w*_scale` as stored
+        self.logical = (("w1", (e, f, d)), ("w2", (e, d, f)), ("w3", (e, f, d)))  # static: a tuple
+        for name, shape in self.logical:
+            axes = ("experts", "embed", "moe_mlp") if name == "w2" else ("experts", "moe_mlp", "embed")
+            if self.fmt:
+                codes, scale = native.quantised(self.fmt, shape, axes, "expert")
+                setattr(self, name, codes)
+                setattr(self, name + "_scale", scale)
+            else:
+                setattr(self, name, param(rngs, shape, axes, "expert", std=init_std(cfg, shape[-1]),
+                                          dtype=cfg.param_dtype))
 
-    def read(self, name: str, expert=None) -> jax.Array:
+    def read(self, name: str, expert=None, dtype=jnp.float32, after=None) -> jax.Array:
         """Expert weight `name` ("w1", "w2", "w3") as the forward uses it: all experts [E, o, i], or the
         one matrix [o, i] of `expert` (a traced scalar index: a dynamic slice, reading only that expert).
 
         With `qat_fp4_experts` (FP4 QAT, spec §10): MXFP4 quantise-dequantise per 1x32 block along the
         input dim, then FP8 per 128x128 block (lossless when the 32-block scales of a tile fit e4m3, as
-        the paper found); straight-through gradient to the master weight."""
-        w = getattr(self, name)[...]
-        w = w if expert is None else jax.lax.dynamic_index_in_dim(w, expert, keepdims=False)
+        the paper found); straight-through gradient to the master weight. `after`: native codes are
+        decoded only once it (the tokens) exists (`native.dequant`)."""
+        w = self.select(getattr(self, name)[...], expert)
+        if self.fmt:  # native codes: dequantised here (one layer, or one chosen expert, at a time)
+            scale = self.select(getattr(self, name + "_scale")[...], expert)
+            return native.dequant(self.fmt, w, scale, dtype, after)
         return quant.fp8_weight_fake(quant.fp4_weight_fake(w)) if self.qat_fp4 else w
+
+    @staticmethod
+    def select(a, expert):
+        return a if expert is None else jax.lax.dynamic_index_in_dim(a, expert, keepdims=False)
+
+    def stored(self) -> dict:
+        """name -> the arrays `read` decodes: (codes, scales) for native weights, (weight,) otherwise."""
+        return {n: (getattr(self, n)[...],) + ((getattr(self, n + "_scale")[...],) if self.fmt else ())
+                for n, _ in self.logical}
 
     def dense(self, x_td, w_tk, idx_tk):
         e = self.w1.shape[0]
         combine = jnp.zeros((x_td.shape[0], e), jnp.float32).at[jnp.arange(x_td.shape[0])[:, None], idx_tk].add(w_tk)
         dt = x_td.dtype
-        g = jnp.einsum("td,efd->tef", x_td, self.read("w1").astype(dt), precision=HIGHEST)
-        u = jnp.einsum("td,efd->tef", x_td, self.read("w3").astype(dt), precision=HIGHEST)
+        g = jnp.einsum("td,efd->tef", x_td, self.read("w1", dtype=dt, after=x_td), precision=HIGHEST)
+        u = jnp.einsum("td,efd->tef", x_td, self.read("w3", dtype=dt, after=x_td), precision=HIGHEST)
         h = (swiglu(g, u, self.limit) * combine[..., None]).astype(dt)
-        return jnp.einsum("tef,edf->td", h, self.read("w2").astype(dt), precision=HIGHEST,
+        return jnp.einsum("tef,edf->td", h, self.read("w2", dtype=dt, after=x_td), precision=HIGHEST,
                           preferred_element_type=jnp.float32)
 
     def gather(self, x_td, w_tk, idx_tk):
@@ -141,19 +160,19 @@ class Experts(nnx.Module):
         e, f = self.w1.shape[:2]
         layout = ep_layout(x_td.shape[0], e, f, tokens_split=False)
         if layout is not None:
-            return gather_per_shard(x_td, w_tk, idx_tk, [self.read(n) for n in ("w1", "w2", "w3")], layout,
-                                    self.limit)
+            return gather_per_shard(x_td, w_tk, idx_tk, self.stored(), layout, self.limit, self.fmt)
         return gather_pairs(x_td, w_tk, idx_tk, self.read, self.limit)
 
     def grouped(self, x_td, w_tk, idx_tk):
         """Sorted dispatch (`grouped_matmul.dispatch`): rows grouped by expert in tiles of one expert each,
         a grouped matmul (`moe_kernel`: "jnp" | "ragged_dot" | "megablox") per weight; exact, static shapes."""
         act = functools.partial(swiglu, limit=self.limit)
+        read = functools.partial(self.read, dtype=x_td.dtype, after=x_td)
         mesh = jax.sharding.get_abstract_mesh()
         if self.kernel == "jnp" or mesh.empty:
-            return grouped_matmul.dispatch(x_td, w_tk, idx_tk, self.read, self.w1.shape[0], act, self.kernel,
+            return grouped_matmul.dispatch(x_td, w_tk, idx_tk, read, self.w1.shape[0], act, self.kernel,
                                            precision=HIGHEST)
-        return grouped_per_shard(x_td, w_tk, idx_tk, {n: self.read(n) for n in ("w1", "w2", "w3")}, mesh, act,
+        return grouped_per_shard(x_td, w_tk, idx_tk, {n: read(n) for n in ("w1", "w2", "w3")}, mesh, act,
                                  self.kernel)
 
     def ep(self, x_td, w_tk, idx_tk):
@@ -163,7 +182,7 @@ class Experts(nnx.Module):
         if layout is None:
             return getattr(self, self.choose("auto", x_td.shape[0], idx_tk.shape[1]))(x_td, w_tk, idx_tk)
         # in the compute dtype before the dispatch gathers them over fsdp (half the bytes moved for bf16)
-        w1, w2, w3 = (self.read(n).astype(x_td.dtype) for n in ("w1", "w2", "w3"))
+        w1, w2, w3 = (self.read(n, dtype=x_td.dtype, after=x_td).astype(x_td.dtype) for n in ("w1", "w2", "w3"))
         return ep_dispatch(x_td, w_tk, idx_tk, w1, w2, w3, layout, self.limit, self.capacity_factor)
 
     def choose(self, impl: str, n_tokens: int, k: int) -> str:
@@ -216,24 +235,36 @@ def gather_pairs(x_td, w_tk, idx_tk, read, limit: float, mask_tk=None):
     return y_ad.reshape(t, k, -1).sum(axis=1)
 
 
-def gather_per_shard(x_td, r_tk, idx_tk, weights, layout, limit: float):
+def gather_per_shard(x_td, r_tk, idx_tk, stored: dict, layout, limit: float, fmt: str | None = None):
     """`gather_pairs` with the experts sharded over the layout's expert axis (decode): every device has
     all T tokens, runs the pairs whose expert it holds on its local slices (the others masked to
-    zero), and a psum over the expert axis (and the FFN-width axis, when it splits F) adds them up."""
+    zero), and a psum over the expert axis (and the FFN-width axis, when it splits F) adds them up.
+    `stored[name]` = the arrays `Experts.read` decodes ((codes, scales) when `fmt` is set: each pair
+    dequantises only its own expert's matrix)."""
     mesh, _, ax, tp = layout
+    ffn = stored["w1"][0].shape[1]
+    if fmt and tp is not None and (ffn // mesh.shape[tp]) % (native.FP4_BLOCK if fmt == "fp4" else native.FP8_BLOCK):
+        tp = None  # an F shard must hold whole scale blocks (w2's blocks run along F)
 
-    def body(x, r, idx, w1, w2, w3):
-        n_local = w1.shape[0]
+    def body(x, r, idx, *arrays):
+        n_local = arrays[0].shape[0]
         local = idx - jax.lax.axis_index(ax) * n_local
         mine = (local >= 0) & (local < n_local)
-        ws = {"w1": w1, "w2": w2, "w3": w3}
-        read = lambda name, e: jax.lax.dynamic_index_in_dim(ws[name], e, keepdims=False)  # noqa: E731
+        ws = dict(zip(names, [arrays[i:i + per] for i in range(0, len(arrays), per)]))
+
+        def read(name, e):
+            a = [jax.lax.dynamic_index_in_dim(v, e, keepdims=False) for v in ws[name]]
+            return native.dequant(fmt, *a, x.dtype) if fmt else a[0]
+
         y = gather_pairs(x, r, jnp.clip(local, 0, n_local - 1), read, limit, mine)
         return jax.lax.psum(y, (ax,) if tp is None else (ax, tp))
 
+    names, per = ("w1", "w2", "w3"), len(stored["w1"])
     w13, w2 = P(ax, tp, None), P(ax, None, tp)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), w13, w2, w13), out_specs=P(),
-                         check_vma=False)(x_td, r_tk, idx_tk, *weights)
+    specs = [w13 if n != "w2" else w2 for n in names for _ in range(per)]
+    arrays = [a for n in names for a in stored[n]]
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), *specs), out_specs=P(),
+                         check_vma=False)(x_td, r_tk, idx_tk, *arrays)
 
 
 def grouped_per_shard(x_td, r_tk, idx_tk, weights: dict, mesh, act, kernel: str):

@@ -195,17 +195,22 @@ def e8m0_bytes(scale) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def hadamard_matrix(n: int) -> np.ndarray:
-    """Sylvester-order Walsh-Hadamard matrix scaled by n^-1/2 (orthonormal, symmetric)."""
-    if n & (n - 1):
-        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    """[n, n] matrix of the official rotation: the Sylvester-order Walsh-Hadamard matrix H_P of the
+    next power of two P >= n, scaled by n^-1/2, its first n rows and columns.
+
+    For n = P it is orthonormal and symmetric. For other n it is what the official
+    `hadamard_transform(x, scale=n ** -0.5)` (fast_hadamard_transform) computes: x zero-padded to P,
+    transformed, the first n outputs kept (no longer orthogonal, but q and keys share it)."""
+    if n < 1:
+        raise ValueError(f"Hadamard size must be positive, got {n}")
     h = np.ones((1, 1), np.float32)
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
-    return (h * np.float32(n ** -0.5)).astype(np.float32)
+    return (h[:n, :n] * np.float32(n ** -0.5)).astype(np.float32)
 
 
 def hadamard(x: jax.Array) -> jax.Array:
-    """Normalised Walsh-Hadamard transform of the last dim: x @ H_n * n^-1/2."""
+    """Walsh-Hadamard transform of the last dim: x @ H_n * n^-1/2 (zero-padded to a power of two)."""
     h = jnp.asarray(hadamard_matrix(x.shape[-1]))
     return jnp.einsum("...i,ij->...j", x.astype(jnp.float32), h,
                       precision=jax.lax.Precision.HIGHEST).astype(x.dtype)

@@ -98,11 +98,22 @@ def spec_for(axes, shape, mesh) -> P:
     return P(*out)
 
 
+def rule_shape(var, shape=None) -> tuple:
+    """The shape the rules divide for a Variable: its own, or for native quantised weights and their
+    scales the number of scale blocks per dim (`native.shard_shape`: a shard never splits a block),
+    with any leading stacked-row dims of `shape` in front."""
+    shape = tuple(var.shape if shape is None else shape)
+    blocks = var.get_metadata().get("shard_shape")
+    if blocks is None:
+        return shape
+    return shape[:len(shape) - len(blocks)] + tuple(blocks)
+
+
 def state_shardings(state: nnx.State, mesh: Mesh):
     """NamedSharding for every Variable of an (abstract or concrete) nnx.State, from its `axes`."""
     def one(var):
         axes = var.get_metadata().get("axes") or (None,) * len(var.shape)
-        return var.replace(NamedSharding(mesh, spec_for(axes, var.shape, mesh)))
+        return var.replace(NamedSharding(mesh, spec_for(axes, rule_shape(var), mesh)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
@@ -131,7 +142,7 @@ def gathered(state, stacked: bool = True):
             axes = axes[1:]
         if len(axes) != v.ndim:
             return var
-        spec = [_without(a, FSDP_AXES) for a in spec_for(axes, v.shape, mesh)]
+        spec = [_without(a, FSDP_AXES) for a in spec_for(axes, rule_shape(var, v.shape), mesh)]
         return var.replace(jax.lax.with_sharding_constraint(v, jax.sharding.NamedSharding(mesh, P(*spec))))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

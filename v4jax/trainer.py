@@ -32,6 +32,7 @@ from . import optim
 from . import training as T
 from .checkpoint import CheckpointError
 from .config import ModelConfig
+from .validate import RUN_KEYS, ConfigError, check, near_miss, parse_text
 from .sharding import batch_sharding, make_mesh, state_shardings
 from .stack import restack_pure
 
@@ -98,34 +99,43 @@ class RunConfig:
     dtype: str = "float32"  # compute dtype (bfloat16 on accelerators); parameters stay in param_dtype
     param_dtype: str = "float32"
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self, where: str = "run setting") -> None:
+        """Every setting's type and range (validate.RUN_KEYS), before anything is built or compiled."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check(f.name, getattr(self, f.name), RUN_KEYS[f.name], where))
+
     @classmethod
     def load(cls, toml_path: str | None, overrides: list[str], **flags) -> "RunConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        if toml_path:
-            with open(toml_path, "rb") as f:
-                for k, v in tomllib.load(f).items():
-                    if k not in fields:
-                        raise ValueError(f"{toml_path}: unknown run setting '{k}'")
-                    values[k] = v
+        values = _read_toml(toml_path) if toml_path else {}
         for item in overrides:
             k, sep, v = item.partition("=")
-            if not sep or k not in fields:
-                raise ValueError(f"--set {item}: expected key=value with key one of {sorted(fields)}")
-            values[k] = _parse_value(v, fields[k].type)
+            if not sep or k not in RUN_KEYS:
+                hint = near_miss(k, RUN_KEYS) if sep else None
+                raise ConfigError(f"--set {item}: expected key=value with key one of {sorted(RUN_KEYS)}"
+                                  + (f" (did you mean '{hint}'?)" if hint else ""))
+            values[k] = parse_text(k, v, RUN_KEYS[k])
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls(**values)
 
 
-def _parse_value(text: str, typ: str):
-    if "bool" in str(typ):
-        return text.lower() in ("1", "true", "yes", "on")
-    if "int" in str(typ) and "." not in text and "e" not in text.lower():
-        return int(text)
+def _read_toml(path: str) -> dict:
+    """A run TOML's settings, each checked against its type (TOML values are typed: no coercion)."""
     try:
-        return float(text) if "float" in str(typ) or "int" in str(typ) else text
-    except ValueError:
-        return text
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:  # missing, a directory, unreadable
+        raise ConfigError(f"{path}: cannot read the run file ({e.strerror})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    for k, v in raw.items():
+        if k not in RUN_KEYS:
+            hint = near_miss(k, RUN_KEYS)
+            raise ConfigError(f"{path}: unknown run setting '{k}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        check(k, v, RUN_KEYS[k], f"{path}: run setting")
+    return raw
 
 
 # ---------------------------------------------------------------------------- spike detector
