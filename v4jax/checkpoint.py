@@ -469,9 +469,9 @@ def _build_array(st: SafetensorsDir, names, var, sharding, bar=None) -> jax.Arra
                 bar.update(_stored_bytes(st, name, with_scale=not fmt))
         return cache[name]
 
-    def callback(index):  # copy=False: a slice already in `dtype` goes to the device without a host copy
+    def callback(index):  # always a fresh host array: no device buffer may alias the read-only file map
         if not lead:
-            return np.asarray(tensor(names[0][0])[index]).astype(dtype, copy=False)
+            return np.array(tensor(names[0][0])[index], dtype=dtype)
         ranges = [range(*index[k].indices(shape[k])) for k in range(lead)]
         out = None
         for j, idx in enumerate(itertools.product(*ranges)):  # one shard's worth, filled tensor by tensor
