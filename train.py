@@ -27,30 +27,47 @@ import sys
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", help="hub-schema model config.json (default configs/tiny.json)")
-    ap.add_argument("--run", help="run configuration (TOML)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--batch", type=int)
-    ap.add_argument("--seq-len", type=int, dest="seq_len")
-    ap.add_argument("--out")
-    ap.add_argument("--save-every", type=int, dest="save_every")
-    ap.add_argument("--mesh")
-    ap.add_argument("--data")
-    ap.add_argument("--tokenizer")
-    ap.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Every run setting (python train.py --settings lists them with their types, "
+                                        "defaults and meaning) can come from --run or --set; flags win over both. "
+                                        "Example run file: configs/example-run.toml.")
+    ap.add_argument("--config", help="hub-schema model config.json (default: configs/tiny.json)")
+    ap.add_argument("--run", help="run settings file (TOML), e.g. configs/example-run.toml (default: none)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one run setting (repeatable; see --settings; default: none)")
+    ap.add_argument("--settings", action="store_true", help="list every run setting (type, default, meaning) and exit")
+    ap.add_argument("--steps", type=int, help="optimiser steps (default: the run setting, 120)")
+    ap.add_argument("--batch", type=int, help="sequences per step per host (default: 8)")
+    ap.add_argument("--seq-len", type=int, dest="seq_len", help="tokens per sequence (default: 128)")
+    ap.add_argument("--out", help="run directory; an existing one is resumed (default: runs/default)")
+    ap.add_argument("--save-every", type=int, dest="save_every", help="checkpoint every N steps (default: 50)")
+    ap.add_argument("--mesh", help="device mesh, e.g. data=2,fsdp=2,expert=2 (default: every device on data)")
+    ap.add_argument("--data", help="text files, a directory, .jsonl or .parquet (default: the Python standard "
+                                   "library's own sources)")
+    ap.add_argument("--tokenizer", help="tokenizer.json (default: the byte tokenizer)")
+    ap.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (default: off)")
     ap.add_argument("--compile-only", action="store_true", dest="compile_only",
-                    help="compile the train step for --topology and print its memory plan (JSON); no training")
-    ap.add_argument("--topology", help="TPU slice for --compile-only, e.g. v5p:2x2x1, v6e:2x4 (needs libtpu)")
-    env = lambda k, typ=str: typ(os.environ[k]) if os.environ.get(k) else None
-    ap.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"), help="HOST:PORT of process 0")
-    ap.add_argument("--num-processes", type=int, dest="num_processes", default=env("JAX_NUM_PROCESSES", int))
-    ap.add_argument("--process-id", type=int, dest="process_id", default=env("JAX_PROCESS_ID", int))
+                    help="compile the train step for --topology and print its memory plan (JSON); no training (default: off)")
+    ap.add_argument("--topology", help="TPU slice for --compile-only, e.g. v5p:2x2x1, v6e:2x4 (needs libtpu; default: none)")
+    env = lambda k, typ=str: typ(os.environ[k]) if os.environ.get(k) else None  # noqa: E731
+    ap.add_argument("--coordinator", default=env("JAX_COORDINATOR_ADDRESS"),
+                    help="HOST:PORT of process 0 (default: $JAX_COORDINATOR_ADDRESS)")
+    ap.add_argument("--num-processes", type=int, dest="num_processes", default=env("JAX_NUM_PROCESSES", int),
+                    help="processes in the job (default: $JAX_NUM_PROCESSES)")
+    ap.add_argument("--process-id", type=int, dest="process_id", default=env("JAX_PROCESS_ID", int),
+                    help="this process's index (default: $JAX_PROCESS_ID)")
     args = ap.parse_args(argv)
+    if args.settings:
+        from v4jax.runspec import settings_help
+        from v4jax.trainer import RunConfig
+        print("run settings (--run FILE.toml or --set KEY=VALUE):\n" + settings_help(RunConfig))
+        return 0
     if args.compile_only:
         return compile_only(args)
     import jax
+
+    from v4jax import compile_cache
+    compile_cache.enable()  # on by default: $V4JAX_COMPILE_CACHE (a directory, or "off")
     if args.distributed:
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from v4jax.checkpoint import CheckpointError
@@ -64,8 +81,8 @@ def main(argv=None) -> int:
         print(f"model {rc.config}; data {rc.data or 'Python standard library sources'}; "
               f"{rc.steps} steps of {rc.batch}{'x' + str(rc.grad_accum) if rc.grad_accum > 1 else ''}"
               f"x{rc.seq_stages or rc.seq_len} tokens; out {rc.out}", flush=True)
-        trainer.run(log=lambda s: print(s, flush=True))
-    except (ConfigError, CheckpointError, ValueError) as e:
+        trainer.run(log=lambda s: print(s, flush=True), bar=sys.stdout.isatty())
+    except (ConfigError, CheckpointError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rc.sample_tokens and jax.process_count() > 1:  # the parameters may span the processes' devices

@@ -42,17 +42,14 @@ from flax import nnx
 from v4jax import optim
 from v4jax import training as T
 from v4jax.config import ModelConfig
-from v4jax.flops import matmul_params, step_flops
+from v4jax.flops import GPU_BF16_PEAK, matmul_params, step_flops
 from v4jax.model import abstract, build, count_params
 
 from .timing import fmt_s, time_fn, time_stateful, verdict
 
 TARGET = 0.40
 SPEC_MEASURED_GPU = 790e12  # spec §3: H100 / H200 bf16 as measured
-NOMINAL_BF16 = {  # dense (no sparsity) bf16 tensor-core peaks by device kind
-    "h100 pcie": 756e12, "h100": 989.4e12, "h200": 989.4e12, "gh200": 989.4e12, "a100": 312e12,
-    "b200": 2250e12, "l40s": 362e12,
-}
+NOMINAL_BF16 = GPU_BF16_PEAK  # dense (no sparsity) bf16 tensor-core peaks by device kind
 
 
 def on_gpu() -> bool:

@@ -1,10 +1,14 @@
 """Shared test setup: 8 fake CPU devices (sharding tests), fixture paths, models loaded once."""
+import gc
 import os
 
 # Tests are dominated by XLA:CPU compile time; LLVM's backend optimisation level 0 halves it without
 # changing what is computed (the HLO passes still run). Subprocesses (CLI tests) inherit it.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+# The command-line tools turn on a persistent compilation cache; tests (and the CLI subprocesses they
+# start) run without it unless a test asks for one (tests/test_run_dir.py).
+os.environ.setdefault("V4JAX_COMPILE_CACHE", "off")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -19,6 +23,17 @@ VARIANTS = ("tiny-a-bf16", "tiny-a-fp8")
 
 def fixture_dir(variant: str) -> str:
     return os.path.join(FIXTURES, variant)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps each compiled kernel into its
+    own three small memory regions and keeps them while the program is cached; over the whole suite
+    (thousands of programs) the process reached the kernel's limit of 65,530 mappings
+    (vm.max_map_count) and LLVM aborted inside a later compile. Clearing the caches returns them."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,8 @@ def _ref_dir() -> Path:
 def test_reference_case_byte_for_byte(case, mode):
     ref = _ref_dir()
     if not (ref / "official_constants.json").is_file():
-        pytest.skip(f"reference encoding data not found at {ref}")
+        pytest.skip(f"official encoding cases not found at {ref} (their terms forbid copying them into the "
+                    "repository; set V4JAX_ENCODING_REF to a copy of shared/reference/encoding)")
     texts = load_prompt_texts(ref / "official_constants.json")
     data = json.loads((ref / f"case_{case}.input.json").read_text(encoding="utf-8"))
     if isinstance(data, dict):  # case 1: tools travel on the first message
@@ -39,7 +40,8 @@ def test_reference_case_byte_for_byte(case, mode):
 def test_reference_constants_loaded():
     ref = _ref_dir()
     if not (ref / "official_constants.json").is_file():
-        pytest.skip(f"reference encoding data not found at {ref}")
+        pytest.skip(f"official encoding cases not found at {ref} (their terms forbid copying them into the "
+                    "repository; set V4JAX_ENCODING_REF to a copy of shared/reference/encoding)")
     texts = load_prompt_texts(ref / "official_constants.json")
     assert texts.tools_template.startswith("## Tools\n\n")
     assert texts.tools_template != DEFAULT_TEXTS.tools_template

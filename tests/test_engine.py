@@ -168,3 +168,17 @@ def test_kv_report_figures():
     from v4jax.model import abstract
     st = jax.eval_shape(lambda: abstract(tiny).init_state(1, 1 << 20, "bfloat16"))
     assert r["total_bytes"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(st))
+
+
+def test_long_prefill_shows_a_token_bar(eng_fp8, expected, capsys):
+    """progress=True: a tqdm bar of tokens on stderr (by default only on a terminal, after 2 s); the
+    logits are those of the same prefill without it."""
+    toks = expected[V]["tokens"][0, :96]
+    eng_fp8.reset()
+    quiet = eng_fp8.prefill([toks], progress=False)
+    assert capsys.readouterr().err == ""
+    eng_fp8.reset()
+    shown = eng_fp8.prefill([toks], progress=True)
+    err = capsys.readouterr().err
+    assert "prefill" in err and "/96.0 [" in err, err
+    np.testing.assert_array_equal(shown, quiet)

@@ -137,8 +137,25 @@ def test_other_config_is_refused(uninterrupted, tmp_path):
     json.dump(raw, open(tmp_path / "other.json", "w"))
     rc = RunConfig(config=str(tmp_path / "other.json"), batch=4, seq_len=64, out=str(out), steps=40,
                    data_max_bytes=400_000)
+    before = {f: open(out / f, "rb").read() for f in ("config.json", "metrics.jsonl")}
     with pytest.raises(CheckpointError, match="'swiglu_limit' is 10.0 there, 7.0 now"):
         Trainer(rc).run(log=lambda s: None)
+    assert {f: open(out / f, "rb").read() for f in before} == before  # a refused run changes no file
+
+
+def test_a_changed_schedule_is_refused_then_extended_explicitly(uninterrupted, tmp_path):
+    """More --steps on a finished run would bend the cosine decay mid-run (the rate jumps up at step 31):
+    refused, files untouched; with schedule_change=extend the saved decay holds its final rate."""
+    out = tmp_path / "e"
+    shutil.copytree(uninterrupted[0], out)
+    before = open(out / "metrics.jsonl", "rb").read()
+    with pytest.raises(CheckpointError, match=r"another learning-rate schedule \(steps 30 -> 32\)"):
+        _run(out, steps=32, save_every=5)
+    assert open(out / "metrics.jsonl", "rb").read() == before
+    _run(out, steps=32, save_every=5, schedule_change="extend")
+    recs = [r for r in _metrics(out) if "event" not in r]
+    assert [r["step"] for r in recs] == list(range(1, 33)) and recs[:30] == _metrics(uninterrupted[0])
+    np.testing.assert_allclose([r["lr"] for r in recs[30:]], [3e-4, 3e-4], rtol=1e-6)
 
 
 def test_damaged_checkpoint_is_refused_and_kept(uninterrupted, tmp_path):
@@ -149,9 +166,19 @@ def test_damaged_checkpoint_is_refused_and_kept(uninterrupted, tmp_path):
         open(v, "w").write("{ not json")
     before = sorted(os.listdir(out / "30"))
     rc = RunConfig(config=CONFIG, batch=4, seq_len=64, out=str(out), steps=40, data_max_bytes=400_000)
-    with pytest.raises(CheckpointError, match="damaged"):
+    with pytest.raises(CheckpointError, match="damaged") as err:
         Trainer(rc).run(log=lambda s: None)
     assert sorted(os.listdir(out / "30")) == before and os.path.isdir(out / "25")
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 600 and f"{out}/30 is damaged" in msg
+    assert "the newest older checkpoint is step 25: resume from it with --set resume_step=25" in msg
+    # taking the offer: step 30 is moved aside (kept), the run resumes from 25 and logs the same losses
+    log = []
+    rc = RunConfig(config=CONFIG, batch=4, seq_len=64, out=str(out), steps=30, warmup=2, lr=3e-3, save_every=5,
+                   data_max_bytes=400_000, log_every=1000, resume_step=25)
+    Trainer(rc).run(log=log.append)
+    assert sorted(os.listdir(out / "30.superseded")) == before and f"resumed from {out} at step 25" in log
+    assert [r["loss"] for r in _metrics(out)] == [r["loss"] for r in _metrics(uninterrupted[0])]
 
 
 def test_inference_reads_the_training_checkpoint(uninterrupted):

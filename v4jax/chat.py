@@ -128,7 +128,15 @@ def _locate_source(path: Path) -> Path:
 
 def _literal_constants(source: Path) -> dict[str, Any]:
     """Module-level ``NAME = <literal>`` assignments of a Python file, read with ``ast`` (never run)."""
-    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    try:
+        tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    except SyntaxError as exc:  # a NUL byte is one too
+        raise ValueError(f"{source}: not valid Python ({f'line {exc.lineno}: ' if exc.lineno else ''}"
+                         f"{exc.msg})") from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"{source}: not readable Python source ({type(exc).__name__})") from None
     values: dict[str, Any] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign):
@@ -156,8 +164,8 @@ def load_prompt_texts(path: str | Path) -> PromptTexts:
     if source.suffix == ".json":
         try:
             values = json.loads(source.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{source}: not valid UTF-8 JSON ({exc})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{source}: expected a JSON object of prompt constants")
     else:
@@ -245,12 +253,47 @@ def render_tool_calls(calls: list[dict], texts: PromptTexts | None = None) -> st
 
 
 # ----------------------------------------------------------------------------- preprocessing
+_TEXT_KEYS = ("content", "reasoning_content", "url")  # a string (or null) wherever they appear
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages about JSON input."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def check_messages(messages: Any, tools: Any = None) -> None:
+    """ValueError naming the message (by index) and key when ``messages`` is not a list of message
+    objects with known roles and string texts, or ``tools`` is not a list of objects."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of message objects, got {_kind(messages)}")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} must be an object with 'role' and 'content', got {_kind(msg)}")
+        if msg.get("role") not in ROLES:
+            raise ValueError(f"message {i}: unknown role {msg.get('role')!r}; valid roles: {', '.join(ROLES)}")
+        for key in _TEXT_KEYS:
+            ok = msg.get(key) is None or isinstance(msg[key], str) or (key == "content" and msg["role"] == "tool")
+            if not ok:
+                raise ValueError(f"message {i}: '{key}' must be a string, got {_kind(msg[key])}")
+        calls = msg.get("tool_calls")
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise ValueError(f"message {i}: 'tool_calls' must be a list of objects")
+        if msg.get("tools") is not None:
+            _check_tools(msg["tools"], f"message {i}: 'tools'")
+    if tools is not None:
+        _check_tools(tools, "tools")
+
+
+def _check_tools(tools: Any, what: str) -> None:
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError(f"{what} must be a list of tool objects")
+
+
 def _prepare(messages: list[dict], tools: list[dict] | None) -> list[dict]:
     """Deep-copy, check roles, attach ``tools`` to a leading system/developer message (or a new system)."""
+    check_messages(messages, tools)
     msgs = copy.deepcopy(list(messages))
-    for msg in msgs:
-        if msg.get("role") not in ROLES:
-            raise ValueError(f"unknown role {msg.get('role')!r}; valid roles: {', '.join(ROLES)}")
     if tools:
         if msgs and msgs[0]["role"] in ("system", "developer"):
             msgs[0]["tools"] = list(msgs[0].get("tools") or []) + list(tools)

@@ -254,6 +254,8 @@ def _read_json(path) -> dict[str, Any]:
         raise ConfigError(f"a hub config is a config.json path or its parsed object, got a {type(path).__name__}")
     path = os.fspath(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if os.path.isdir(file):
+        raise ConfigError(f"{file}: is a directory, not a config.json file")
     if not os.path.isfile(file):
         raise ConfigError(f"no config.json at {path}" + (" (a directory without one)" if file != path else ""))
     try:

@@ -9,6 +9,8 @@ Documents: `iter_documents(path)` reads a .txt file (one document), a directory 
 file below it, sorted; one document each), a .jsonl file (field "text" per line) or a .parquet
 file (column "text", one row group at a time). Internally every source is cut into *chunks*
 (one file; a byte range of a .jsonl, ~4 MiB; one parquet row group) that can be read independently.
+A source that cannot be read (missing, damaged, a .jsonl line that is not UTF-8 JSON) is a `DataError`
+(a ValueError) naming the file and, for .jsonl, the line; .txt/.md/.py bytes that are not UTF-8 become U+FFFD.
 
 Batches: `PackedBatches` is built on grain (https://github.com/google/grain), whose iterators carry
 a small checkpoint state:
@@ -49,6 +51,11 @@ BYTE_BASE = 2 + len(SPECIAL_TOKENS)  # byte b has id BYTE_BASE + b
 DOC_SUFFIXES = (".txt", ".md", ".py")
 JSONL_CHUNK_BYTES = 1 << 22
 _STDLIB_SKIP = frozenset({"test", "tests", "idlelib", "site-packages"})
+
+
+class DataError(ValueError):
+    """A document source that cannot be read (missing, unknown format, damaged, not UTF-8); the message
+    names the file. A ValueError, as train.py and the trainer report them (exit 2, one line)."""
 
 
 # ----------------------------------------------------------------------------------- tokenizers
@@ -173,17 +180,16 @@ def list_chunks(path, jsonl_chunk_bytes: int = JSONL_CHUNK_BYTES) -> list[Chunk]
                  if n.endswith(DOC_SUFFIXES)]
         return [Chunk("file", f) for f in sorted(files)]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such document source: {path}")
+        raise DataError(f"{path}: no such document source (file or directory)")
     if path.endswith(DOC_SUFFIXES):
         return [Chunk("file", path)]
     if path.endswith(".jsonl"):
         size, n = os.path.getsize(path), jsonl_chunk_bytes
         return [Chunk("jsonl", path, s, min(s + n, size)) for s in range(0, size, n)]
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        return [Chunk("parquet", path, g) for g in range(pq.ParquetFile(path).num_row_groups)]
-    raise ValueError(f"{path}: unknown document format (expected a directory, "
-                     f".txt/.md/.py, .jsonl or .parquet)")
+        return [Chunk("parquet", path, g) for g in range(_parquet_file(path).num_row_groups)]
+    raise DataError(f"{path}: unknown document format (expected a directory, "
+                    f".txt/.md/.py, .jsonl or .parquet)")
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -206,35 +212,54 @@ def _read_jsonl(chunk: Chunk) -> list[str]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{chunk.path}:{_line_number(chunk.path, pos)}: invalid JSON "
-                                 f"({e.msg})") from None
+                record = json.loads(line.decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                raise DataError(f"{chunk.path}:{_line_number(chunk.path, pos)}: not UTF-8 (byte "
+                                f"0x{line[e.start]:02x} at column {e.start + 1})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DataError(f"{chunk.path}:{_line_number(chunk.path, pos)}: invalid JSON "
+                                f"({getattr(e, 'msg', 'nested too deeply')})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{chunk.path}:{_line_number(chunk.path, pos)}: "
-                                 f"no string field 'text'")
+                raise DataError(f"{chunk.path}:{_line_number(chunk.path, pos)}: "
+                                f"no string field 'text'")
             docs.append(record["text"])
     return docs
 
 
-def _read_parquet(chunk: Chunk) -> list[str]:
+def _parquet_file(path: str):
+    """pyarrow's ParquetFile, or a DataError naming `path` (pyarrow's own messages do not)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    pf = pq.ParquetFile(chunk.path)
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _read_parquet(chunk: Chunk) -> list[str]:
+    import pyarrow as pa
+    pf = _parquet_file(chunk.path)
     if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"{chunk.path}: no column 'text'")
-    texts = pf.read_row_group(chunk.start, columns=["text"]).column("text").to_pylist()
+        raise DataError(f"{chunk.path}: no column 'text'")
+    try:
+        texts = pf.read_row_group(chunk.start, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{chunk.path}: row group {chunk.start} is not readable ({e})") from None
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ValueError(f"{chunk.path}: row group {chunk.start}, row {i}: 'text' is {t!r}")
+            raise DataError(f"{chunk.path}: row group {chunk.start}, row {i}: 'text' is {repr(t)[:80]}")
     return texts
 
 
 def read_chunk(chunk: Chunk) -> list[str]:
     """The documents of one chunk, in file order."""
-    if chunk.kind == "file":
-        with open(chunk.path, "rb") as f:
-            return [f.read().decode("utf-8", "replace")]
-    return _read_jsonl(chunk) if chunk.kind == "jsonl" else _read_parquet(chunk)
+    try:
+        if chunk.kind == "file":  # one document; bytes that are not UTF-8 become U+FFFD
+            with open(chunk.path, "rb") as f:
+                return [f.read().decode("utf-8", "replace")]
+        return _read_jsonl(chunk) if chunk.kind == "jsonl" else _read_parquet(chunk)
+    except OSError as e:
+        raise DataError(f"{chunk.path}: cannot read it ({e.strerror or e})") from None
 
 
 def iter_documents(path) -> Iterator[str]:

@@ -20,12 +20,16 @@ before they can be read again.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -45,6 +49,25 @@ def _map_layers(state, ratios, fn):
     n = len(state["layers"])
     return {"layers": [fn(s, r) for s, r in zip(state["layers"], ratios[:n])],
             "mtp": [fn(s, r) for s, r in zip(state["mtp"], ratios[n:])]}
+
+
+def _row_view(state, ratios, p: int, take):
+    """take(leaf, n) for every leaf of a batched state, n = the entry rows a context of p tokens filled
+    (entry buffers) or None (windows, tails): the layout of one row as export_row saves it."""
+    def each(tree, n):
+        return jax.tree.map(lambda x: take(x, n), tree)
+
+    def layer(st, r):
+        out = {}
+        for k, v in st.items():
+            if k in ("comp", "index"):
+                n = entries_for(p, r) if p >= r else 0
+                out[k] = {kk: each(vv, n if kk == "kv" else None) for kk, vv in v.items()}
+            else:
+                out[k] = each(v, None)
+        return out
+
+    return _map_layers(state, ratios, layer)
 
 
 def small_part(state, ratios):
@@ -196,6 +219,51 @@ def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+# ------------------------------------------------------------------------------ fingerprint
+# Run-time config keys left out of the fingerprint: they choose how the same function is computed
+# (blocking, MoE dispatch, kernels, layer layout, rematerialisation) or matter to training only, so a
+# state saved under one value is valid under another (up to float rounding).
+FINGERPRINT_NEUTRAL = ("attn_block", "moe_impl", "moe_kernel", "attention_kernel", "scan_layers", "remat",
+                       "indexer_loss")
+FINGERPRINT_SAMPLES = 256  # elements sampled per parameter array
+
+
+def _sample_positions(size: int) -> np.ndarray:
+    """FINGERPRINT_SAMPLES flat positions in [0, size), evenly spread (golden-ratio sequence); all if fewer."""
+    if size <= FINGERPRINT_SAMPLES:
+        return np.arange(size)
+    return np.array([((k * 0x9E3779B97F4A7C15) & (2 ** 64 - 1)) * size >> 64 for k in range(FINGERPRINT_SAMPLES)])
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(shapes: tuple, mesh):
+    """Jitted gather of every leaf's sample positions (point gathers: a sharded leaf is read where it
+    lies); the samples come back replicated."""
+    idx = [np.unravel_index(_sample_positions(math.prod(s)), s) if s else None for s in shapes]
+
+    def run(leaves):
+        return [x[i] if x.ndim else x[None] for x, i in zip(leaves, idx)]
+
+    if mesh is None:
+        return jax.jit(run)
+    return jax.jit(run, out_shardings=[NamedSharding(mesh, P())] * len(shapes))
+
+
+def weights_digest(leaves, mesh=None) -> str:
+    """sha256 (hex, 32 digits) over every parameter array's shape and dtype and the bytes of
+    FINGERPRINT_SAMPLES of its elements at fixed positions spread over the whole array, gathered on the
+    device: about 1 KB per array reaches the host and the cost does not grow with the model's size.
+    Two checkpoints of the same shapes differ in practically every sample (another training run, a
+    fine-tune, a requantisation); weights edited only away from every sampled element (a few rows) are
+    not seen: give PrefixCache a `tag` (e.g. the checkpoint revision) for those."""
+    shapes = tuple(tuple(x.shape) for x in leaves)
+    h = hashlib.sha256()
+    for x, picked in zip(leaves, _sampler(shapes, mesh)(list(leaves))):
+        h.update(f"{x.dtype}{tuple(x.shape)};".encode())
+        h.update(np.asarray(picked).tobytes())
+    return h.hexdigest()[:32]
+
+
 # ------------------------------------------------------------------------------ engine
 class Engine:
     """Decode state + jitted steps for one model.
@@ -229,6 +297,7 @@ class Engine:
         self.state = self._placed(lambda: model.init_state(batch, max_context, kv_layout))
         self.pos = np.zeros(batch, np.int64)
         self.pend_h = self._placed(lambda: jnp.zeros((batch, cfg.hc_mult, cfg.dim), jnp.dtype(cfg.dtype)))
+        self._fingerprint = None
 
     # ---------------------------------------------------------------- helpers
     def step_fn(self, make, *static):
@@ -274,12 +343,14 @@ class Engine:
         self.pos[:] = 0
 
     # ---------------------------------------------------------------- prefill
-    def prefill(self, rows, chunk: int | None = None, all_logits: bool = False) -> np.ndarray:
+    def prefill(self, rows, chunk: int | None = None, all_logits: bool = False,
+                progress: bool | None = None) -> np.ndarray:
         """Append token rows (a list of B sequences of any lengths, or [B, T]) -> logits [B, V] at each
         row's last new token (rows with no new tokens get zeros). Chunks of `chunk` tokens (default
         `prefill_chunk`); a shorter last chunk is padded to a power of two (or to the chunk when
         `fixed_chunk`), so few shapes are compiled. `all_logits`: [B, T, V] for every new token
-        (rows of equal length only; the scoring path)."""
+        (rows of equal length only; the scoring path). `progress`: a tqdm bar of tokens on stderr
+        (None: on a terminal, once the prefill has taken 2 s; True: always; False: never)."""
         chunk = chunk or self.prefill_chunk
         rows = [np.asarray(r, np.int64).reshape(-1) for r in rows]
         if len(rows) != self.batch:
@@ -294,6 +365,8 @@ class Engine:
         logits = np.zeros((self.batch, self.cfg.vocab_size), np.float32)
         every = []
         done = 0
+        bar = tqdm.tqdm(total=int(lens.max(initial=0)), unit="tok", unit_scale=True, desc="prefill", leave=False,
+                        delay=0 if progress else 2, disable=None if progress is None else not progress)
         while done < lens.max(initial=0):
             n = min(chunk, int(lens.max()) - done)
             t = chunk if n == chunk or self.fixed_chunk else min(chunk, max(16, 1 << (n - 1).bit_length()))
@@ -311,6 +384,8 @@ class Engine:
                 logits[valid > 0] = lg[valid > 0]
             self.pos += valid
             done += n
+            bar.update(n)
+        bar.close()
         return np.concatenate(every, axis=1) if all_logits else logits
 
     # ---------------------------------------------------------------- decode
@@ -357,40 +432,68 @@ class Engine:
         self.pend_h = jnp.array(snap["pend_h"], copy=True)
 
     # ---------------------------------------------------------------- prefix states on disk
+    def fingerprint(self) -> str:
+        """What a saved row state depends on, as one string (prefix caches key and check entries by it):
+        the model config (hub keys and the run-time keys that change the numbers: compute and parameter
+        dtypes, QAT simulations, CSA mode, MoE capacity, native weights; not FINGERPRINT_NEUTRAL), the
+        weights (`weights_digest`), the KV layout, and whether prefill advances the MTP state
+        (speculative engines do; other engines leave it empty). Computed once per engine."""
+        if self._fingerprint is None:
+            cfg = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in FINGERPRINT_NEUTRAL}
+            cfg_h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            self._fingerprint = (f"v4jax-row/1 config={cfg_h} weights={weights_digest(self.param_leaves, self.mesh)} "
+                                 f"kv={self.kv_layout or 'compute'} mtp={'on' if self.speculative else 'off'}")
+        return self._fingerprint
+
     def export_row(self, b: int = 0) -> dict:
         """Row b's state as host arrays, entry buffers cut to the rows its context filled."""
         p = int(self.pos[b])
+        state = _row_view(self.state, self.ratios, p, lambda x, n: np.asarray(x[b] if n is None else x[b, :n]))
+        return {"state": state, "pos": p, "pend_h": np.asarray(self.pend_h[b])}
 
-        def layer(st, r):
-            out = {}
-            for k, v in st.items():
-                if k in ("comp", "index"):
-                    n = entries_for(p, r) if p >= r else 0
-                    out[k] = {kk: jax.tree.map(lambda x: np.asarray(x[b, :n] if kk == "kv" else x[b]), vv)
-                              for kk, vv in v.items()}
-                else:
-                    out[k] = jax.tree.map(lambda x: np.asarray(x[b]), v)
-            return out
+    def _check_row(self, row: dict) -> tuple[int, list]:
+        """(position, flat arrays) of `row`, after checking that the position is a token count within the
+        maximum context, agrees with the row's tokens (if any) and that every array has exactly the
+        shape and dtype export_row gives at that position on this engine (ValueError otherwise)."""
+        p = row["pos"]
+        if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, np.integer)) or not 0 <= p <= self.max_context:
+            raise ValueError(f"saved prefix position pos={p!r} is not a token count within 0..{self.max_context}")
+        p = int(p)
+        if row.get("tokens") is not None and len(row["tokens"]) != p:
+            raise ValueError(f"saved prefix position pos={p} disagrees with its {len(row['tokens'])} tokens")
 
-        return {"state": _map_layers(self.state, self.ratios, layer), "pos": p, "pend_h": np.asarray(self.pend_h[b])}
+        def spec(x, n):
+            return jax.ShapeDtypeStruct(x.shape[1:] if n is None else (n, *x.shape[2:]), x.dtype)
+
+        want, tdef = jax.tree.flatten(_row_view(self.state, self.ratios, p, spec))
+        if isinstance(row["state"], list):  # leaves only (load_prefix_state)
+            got = row["state"]
+        else:
+            got, rdef = jax.tree.flatten(row["state"])
+            if rdef != tdef:
+                raise ValueError("saved prefix state is not laid out like this engine's: another model or KV layout")
+        if len(got) != len(want):
+            raise ValueError(f"saved prefix state has {len(got)} arrays, this engine's state {len(want)}: "
+                             "another model or KV layout")
+        for i, (w, r) in enumerate(zip(want, got)):
+            if tuple(np.shape(r)) != w.shape or np.dtype(r.dtype) != w.dtype:
+                raise ValueError(f"saved prefix array {i} is {np.dtype(r.dtype)}{tuple(np.shape(r))}, this engine "
+                                 f"expects {w.dtype}{w.shape} at pos={p}: another model or KV layout, or a "
+                                 "tampered position")
+        if tuple(np.shape(row["pend_h"])) != self.pend_h.shape[1:]:
+            raise ValueError(f"saved prefix streams of shape {np.shape(row['pend_h'])} do not fit this engine "
+                             f"({self.pend_h.shape[1:]})")
+        return p, got
 
     def import_row(self, row: dict, b: int = 0) -> None:
-        """Inverse of export_row (entry rows written at the front of row b's buffers)."""
-        if int(row["pos"]) > self.max_context:
-            raise ValueError(f"saved prefix of {row['pos']} tokens exceeds the maximum context {self.max_context}")
+        """Inverse of export_row (entry rows written at the front of row b's buffers). A row that does not
+        fit (see _check_row) is refused with a ValueError and the state is left as it was."""
+        p, flat_row = self._check_row(row)
         flat_full, tdef = jax.tree.flatten(self.state)
-        flat_row = row["state"] if isinstance(row["state"], list) else tdef.flatten_up_to(row["state"])
-        if len(flat_row) != len(flat_full):
-            raise ValueError(f"saved prefix state has {len(flat_row)} arrays, this engine's state {len(flat_full)}: "
-                             "another model or KV layout")
-        new = []
-        for f, r in zip(flat_full, flat_row):
-            r = jnp.asarray(r, f.dtype)
-            if r.shape != f.shape[1:] and (r.ndim != f.ndim - 1 or r.shape[1:] != f.shape[2:] or r.shape[0] > f.shape[1]):
-                raise ValueError(f"saved prefix state of shape {r.shape} does not fit this engine ({f.shape[1:]})")
-            new.append(f.at[b, : r.shape[0]].set(r) if r.shape != f.shape[1:] else f.at[b].set(r))
+        new = [f.at[b, : r.shape[0]].set(jnp.asarray(r)) if r.shape != f.shape[1:] else f.at[b].set(jnp.asarray(r))
+               for f, r in zip(flat_full, flat_row)]
         self.state = tdef.unflatten(new)
-        self.pos[b] = int(row["pos"])
+        self.pos[b] = p
         self.pend_h = self.pend_h.at[b].set(jnp.asarray(row["pend_h"], self.pend_h.dtype))
 
 

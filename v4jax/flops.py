@@ -63,3 +63,20 @@ def step_flops(cfg, S: int, n_seq: int) -> dict:
     mm = 6.0 * n_mm * S * n_seq
     return {"n_mm": n_mm, "matmul": mm, "attn_v4": 3 * v4 * n_seq, "attn_dense": 3 * dense * n_seq,
             "total": mm + 3 * v4 * n_seq, "maxtext_total": mm + 3 * dense * n_seq}
+
+
+GPU_BF16_PEAK = {  # dense (no sparsity) bf16 tensor-core peaks by device kind (lower-case substring)
+    "h100 pcie": 756e12, "h100": 989.4e12, "h200": 989.4e12, "gh200": 989.4e12, "a100": 312e12,
+    "b200": 2250e12, "l40s": 362e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Nominal dense bf16 FLOP/s of one device of this kind (TPU: aot.CHIPS; GPU: GPU_BF16_PEAK);
+    None for a CPU or an unknown chip (no MFU is reported then)."""
+    from .aot import CHIPS
+
+    if device_kind in CHIPS:
+        return CHIPS[device_kind][2]
+    low = device_kind.lower()
+    return next((GPU_BF16_PEAK[k] for k in sorted(GPU_BF16_PEAK, key=len, reverse=True) if k in low), None)

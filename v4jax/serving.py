@@ -12,8 +12,12 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 import time
+import warnings
+import zipfile
+import zlib
 from typing import Callable
 
 import jax
@@ -149,7 +153,7 @@ class ChatSession:
     longest snapshot that is a prefix of both the state's tokens and the new prompt."""
 
     def __init__(self, engine: Engine, tokenizer, mode: str = "chat", texts: chat.PromptTexts | None = None,
-                 sampling: SamplingConfig | None = None, max_snapshots: int = 64):
+                 sampling: SamplingConfig | None = None, max_snapshots: int = 64, speculative: bool = False):
         if engine.batch != 1:
             raise ValueError("a chat session needs an engine of batch 1")
         if mode not in chat.MODES:
@@ -161,6 +165,7 @@ class ChatSession:
         self.tokens: list[int] = []  # what the state holds
         self.snaps: list[tuple[tuple, dict]] = []
         self.max_snapshots = max_snapshots
+        self.speculative = speculative  # MTP speculative replies (greedy sampling); send reports the acceptance
         self._eos = engine.cfg.eos_token_id
         self._asst = self._special(self.texts.assistant)
 
@@ -210,14 +215,17 @@ class ChatSession:
 
     # ------------------------------------------------------------ turns
     def send(self, text: str, on_text=None, should_stop=None) -> dict:
-        """User turn -> assistant reply {"reasoning", "content", "tool_calls", "finish", "tokens_per_s"}."""
+        """User turn -> assistant reply {"reasoning", "content", "tool_calls", "finish", "tokens_per_s"}
+        (+ "acceptance" when speculative)."""
         self.messages.append({"role": "user", "content": text})
         prompt = self.encode(chat.render(self.messages, mode=self.mode, texts=self.texts))
         self.sync(prompt)
         res = generate(self.engine, [prompt[len(self.tokens):]], self.sampling, self.tok, on_text,
-                       should_stop=should_stop)
+                       speculative=self.speculative, should_stop=should_stop)
         g = res["outputs"][0]
-        self.tokens = prompt + g.tokens[:-1]  # the last sampled token is not in the state yet
+        # what the state holds: the last sampled token is not in it yet (a plain step), or, when a stop
+        # falls inside an accepted speculative pair, one token more: read it off the engine's position
+        self.tokens = prompt + g.tokens[:int(self.engine.pos[0]) - len(prompt)]
         completion = g.text
         if self.mode != "chat" and self.texts.think_end not in completion:
             msg = {"reasoning": completion, "content": "", "tool_calls": []}  # reasoning not finished
@@ -229,7 +237,8 @@ class ChatSession:
         if msg["tool_calls"]:
             reply["tool_calls"] = msg["tool_calls"]
         self.messages.append(reply)
-        return {**msg, "finish": g.finish, "tokens_per_s": res["tokens_per_s"]}
+        out = {**msg, "finish": g.finish, "tokens_per_s": res["tokens_per_s"]}
+        return {**out, "acceptance": res["acceptance"]} if self.speculative and "acceptance" in res else out
 
     def quick(self, task: str, url: str | None = None, max_new_tokens: int = 32) -> str:
         """Answer a quick-instruction side task from a fork; the conversation's state is restored."""
@@ -252,35 +261,58 @@ class PrefixCache:
     """States of prompt prefixes (multiples of 128 tokens), in memory and optionally on disk.
 
     `prefill(engine, prompt)` restores the longest cached prefix of `prompt` (batch-1 engine), stores
-    the state at the last 128-aligned point before the prompt's end, and prefills the rest."""
+    the state at the last 128-aligned point before the prompt's end, and prefills the rest.
 
-    def __init__(self, directory: str | None = None):
-        self.dir = directory
+    Entries are keyed by the engine's fingerprint (`Engine.fingerprint`: model config, a digest of the
+    weights, KV layout, MTP on/off; plus `tag`, e.g. a checkpoint revision) and the tokens, and every
+    file stores its fingerprint, tokens and position: another model, another checkpoint of the same
+    shapes or another KV layout never reuses a state. A file that is damaged, was written for another
+    fingerprint or holds a state that does not fit its position is a miss with a warning."""
+
+    def __init__(self, directory: str | None = None, tag: str = ""):
+        self.dir, self.tag = directory, tag
         self.mem: dict[str, dict] = {}
         if directory:
             os.makedirs(directory, exist_ok=True)
 
     @staticmethod
-    def key(tokens) -> str:
-        return hashlib.sha256(np.asarray(tokens, np.int64).tobytes()).hexdigest()[:32]
+    def key(tokens, fingerprint: str) -> str:
+        h = hashlib.sha256(fingerprint.encode())
+        h.update(b"\0")
+        h.update(np.asarray(tokens, np.int64).tobytes())
+        return h.hexdigest()[:32]
+
+    def fingerprint(self, engine: Engine) -> str:
+        return engine.fingerprint() + (f" tag={self.tag}" if self.tag else "")
 
     def _path(self, key):
         return os.path.join(self.dir, f"prefix-{key}.npz")
 
-    def get(self, tokens):
-        k = self.key(tokens)
+    def get(self, tokens, fingerprint: str):
+        """The state saved for `tokens` under `fingerprint`, or None (a bad file: None and a warning)."""
+        k = self.key(tokens, fingerprint)
         if k in self.mem:
             return self.mem[k]
-        if self.dir and os.path.exists(self._path(k)):
-            row = load_prefix_state(self._path(k))
-            if list(row["tokens"]) == list(tokens):
-                self.mem[k] = row
-                return row
-        return None
+        path = self._path(k) if self.dir else None
+        if not path or not os.path.exists(path):
+            return None
+        try:
+            row = load_prefix_state(path)
+        except ValueError as e:
+            return _miss(str(e))
+        if row["fingerprint"] != fingerprint:
+            return _miss(f"{path}: saved for another model, checkpoint or KV layout "
+                         f"({row['fingerprint'] or 'no fingerprint'}; this engine: {fingerprint})")
+        if list(row["tokens"]) != list(tokens):
+            return _miss(f"{path}: holds other tokens than its name says")
+        self.mem[k] = row
+        return row
 
-    def put(self, tokens, row):
-        k = self.key(tokens)
-        row = {**row, "tokens": np.asarray(tokens, np.int64)}
+    def put(self, tokens, row, fingerprint: str):
+        if int(row["pos"]) != len(tokens):
+            raise ValueError(f"a prefix state at pos={row['pos']} cannot be stored for {len(tokens)} tokens")
+        k = self.key(tokens, fingerprint)
+        row = {**row, "tokens": np.asarray(tokens, np.int64), "fingerprint": fingerprint}
         self.mem[k] = row
         if self.dir:
             save_prefix_state(self._path(k), row)
@@ -288,59 +320,104 @@ class PrefixCache:
     def prefill(self, engine: Engine, prompt) -> tuple[np.ndarray, int]:
         """-> (logits of the prompt's last token [1, V], cached tokens reused)."""
         prompt = [int(t) for t in prompt]
+        fp = self.fingerprint(engine)
         hit = 0
+        engine.reset()
         for a in range((len(prompt) - 1) // PREFIX_ALIGN * PREFIX_ALIGN, 0, -PREFIX_ALIGN):
-            row = self.get(prompt[:a])
-            if row is not None:
-                engine.reset()
-                engine.import_row(row)
-                hit = a
-                break
-        else:
-            engine.reset()
+            row = self.get(prompt[:a], fp)
+            if row is None:
+                continue
+            try:
+                engine.import_row(row)  # refuses a state that does not fit its position: state untouched
+            except ValueError as e:
+                self.mem.pop(self.key(prompt[:a], fp), None)
+                _miss(f"the cached state of {a} tokens does not fit this engine ({e})")
+                continue
+            hit = a
+            break
         cut = (len(prompt) - 1) // PREFIX_ALIGN * PREFIX_ALIGN
         if cut > hit:
             engine.prefill([prompt[hit:cut]])
-            self.put(prompt[:cut], engine.export_row())
+            self.put(prompt[:cut], engine.export_row(), fp)
         return engine.prefill([prompt[max(hit, cut):]]), hit
 
 
+def _miss(msg: str) -> None:
+    """Warn about a cache entry that cannot be used; the caller treats it as absent."""
+    warnings.warn(f"prefix cache miss: {msg}", stacklevel=3)
+
+
 def save_prefix_state(path: str, row: dict) -> None:
-    """A row state (Engine.export_row + tokens) as one .npz, written atomically."""
+    """A row state (Engine.export_row + tokens, and the fingerprint PrefixCache adds) as one .npz,
+    written atomically."""
     leaves, _ = jax.tree.flatten(row["state"])
     arrays = {f"leaf_{i}": np.asarray(x).view(np.uint8) for i, x in enumerate(leaves)}
     meta = {"dtypes": [str(np.asarray(x).dtype) for x in leaves], "shapes": [list(np.shape(x)) for x in leaves],
-            "pos": int(row["pos"])}
+            "pos": int(row["pos"]), "fingerprint": str(row.get("fingerprint", ""))}
     arrays.update(tokens=np.asarray(row["tokens"], np.int64), pend_h=np.asarray(row["pend_h"], np.float32),
                   meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
     save_npz_atomic(path, arrays)
 
 
+def _new_file_beside(path: str, suffix: str) -> tuple[int, str]:
+    """(fd, name) of a new file next to `path`, created with mode 0o666 so that the umask applies
+    (tempfile.mkstemp's 0o600 would become the output's mode)."""
+    d, base = os.path.split(path)
+    for _ in range(100):
+        tmp = os.path.join(d, f".{base}.{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def save_npz_atomic(path: str, arrays: dict) -> None:
-    """np.savez to a temporary file beside `path`, then renamed over it: a reader never sees half a file."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
+    """np.savez to a temporary file beside `path`, then renamed over it: a reader never sees half a file.
+    The file gets the mode a plain open() would give (0o666 less the umask), or keeps the mode of the
+    file it replaces."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = _new_file_beside(path, ".npz.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+        if os.path.exists(path):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
+# what a damaged or foreign file raises while being read (np.load opens the zip; members load lazily)
+_READ_ERRORS = (OSError, EOFError, KeyError, ValueError, TypeError, zipfile.BadZipFile, zlib.error,
+                UnicodeDecodeError)
+
+
 def load_prefix_state(path: str) -> dict:
-    """Inverse of save_prefix_state: {"leaves": [...], "pos", "tokens", "pend_h"} (engine.import_row
-    rebuilds the tree from its own structure)."""
+    """Inverse of save_prefix_state: {"state": [leaves], "pos", "tokens", "pend_h", "fingerprint"}
+    (engine.import_row rebuilds the tree from its own structure). ValueError for a file that cannot be
+    read (damaged, truncated, not a prefix state) or whose position is not its number of tokens."""
     try:
-        z = np.load(path)
-        meta = json.loads(bytes(z["meta"]).decode())
-        leaves = [z[f"leaf_{i}"].view(getattr(ml_dtypes, dt, None) or np.dtype(dt)).reshape(shape)
-                  for i, (dt, shape) in enumerate(zip(meta["dtypes"], meta["shapes"]))]
-        return {"state": leaves, "pos": meta["pos"], "tokens": z["tokens"], "pend_h": z["pend_h"]}
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable v4jax prefix state ({e})") from None
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            leaves = []
+            for i, (dt, shape) in enumerate(zip(meta["dtypes"], meta["shapes"], strict=True)):
+                dtype = np.dtype(getattr(ml_dtypes, dt, None) or dt)
+                if dtype.hasobject:
+                    raise ValueError(f"leaf {i} has dtype {dt}")
+                leaves.append(z[f"leaf_{i}"].view(dtype).reshape(shape))
+            tokens, pend_h = z["tokens"], z["pend_h"]
+            pos, fingerprint = meta["pos"], meta.get("fingerprint", "")
+    except _READ_ERRORS as e:
+        raise ValueError(f"{path}: not a readable v4jax prefix state ({type(e).__name__}: {e})") from None
+    if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+        raise ValueError(f"{path}: prefix position pos={pos!r} is not a token count")
+    if tokens.ndim != 1 or tokens.dtype != np.int64 or pos != tokens.size:
+        raise ValueError(f"{path}: prefix position pos={pos} disagrees with its {tokens.size} stored tokens")
+    return {"state": leaves, "pos": pos, "tokens": tokens, "pend_h": pend_h, "fingerprint": str(fingerprint)}
 
 
 # ------------------------------------------------------------------------------ KV report

@@ -29,6 +29,11 @@ from . import data as data_lib
 from .data import StagedBatches
 from . import model as M
 from . import optim
+from . import rundir
+from .runspec import QAT_OPTIONS, parse_phases, parse_qat, parse_seq_stages  # noqa: F401
+from .flops import peak_flops
+from .runlog import Progress, RunLog
+from .spikes import MAX_ROLLBACKS, ROLLBACK_LIMIT, ROLLBACK_WINDOW, RollbackBudget, SpikeDetector  # noqa: F401
 from . import training as T
 from .checkpoint import CheckpointError
 from .config import ModelConfig
@@ -41,30 +46,34 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass
 class RunConfig:
-    config: str = os.path.join(_ROOT, "configs", "tiny.json")
-    steps: int = 120
-    batch: int = 8
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup: int = 12
-    end_lr_frac: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    seed: int = 0
-    out: str = "runs/default"
-    save_every: int = 50
-    keep: int = 3
-    mesh: str | None = None
+    config: str = os.path.join(_ROOT, "configs", "tiny.json")  # hub-schema model config.json
+    steps: int = 120  # optimiser steps in all (the LR schedule decays over them)
+    batch: int = 8  # sequences per step per host
+    seq_len: int = 128  # tokens per sequence (a multiple of every compression ratio)
+    lr: float = 3e-3  # peak learning rate (Muon and AdamW)
+    warmup: int | None = None  # None: min(12, steps // 4) (a short run still warms up and decays)
+    end_lr_frac: float = 0.1  # final learning rate of the cosine decay, as a fraction of lr
+    weight_decay: float = 0.1  # decoupled weight decay (Muon and AdamW)
+    clip_norm: float = 1.0  # global gradient-norm clip (<= 0: none)
+    seed: int = 0  # parameter initialisation and data order
+    out: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, config.json
+    save_every: int = 50  # checkpoint every N steps (0: only the last)
+    keep: int = 3  # checkpoints kept (>= 1: the latest is never deleted)
+    resume_step: int = -1  # -1: resume from the latest checkpoint; N: from step N (later steps moved aside)
+    # resuming with another LR schedule (steps, lr, warmup, end_lr_frac): "refuse"; "extend" (more steps:
+    # the saved decay, then its final rate); "adopt" (the new schedule as given, announced)
+    schedule_change: str = "refuse"
+    mesh: str | None = None  # "data=A,fsdp=B,expert=C,tensor=D" (None: all devices on data)
     data: str | None = None  # None: the Python standard library's own sources
-    data_max_bytes: int = 4_000_000
+    data_max_bytes: int = 4_000_000  # bytes of the default corpus to read
     tokenizer: str | None = None  # None: byte tokenizer
-    log_every: int = 10
-    bias_gamma: float = 1e-3
-    balance_alpha: float = 1e-4
-    mtp_weight: float = 0.3
-    mtp_weight_late: float = 0.1
-    spike_detect: bool = True
-    spike_window: int = 20
+    log_every: int = 10  # a progress line every N steps
+    bias_gamma: float = 1e-3  # aux-loss-free balancing: bias step per update
+    balance_alpha: float = 1e-4  # weight of the sequence-wise balance loss
+    mtp_weight: float = 0.3  # MTP loss weight during the warm-up
+    mtp_weight_late: float = 0.1  # MTP loss weight after the warm-up
+    spike_detect: bool = True  # roll back to a snapshot on a loss spike
+    spike_window: int = 20  # steps in the recent-loss mean
     # a loss above factor x the recent mean is a spike (so is a non-finite one); 2.0 lets a hard stretch
     # of data pass (the default corpus has one near step 90 at 1.8x the mean) and catches divergence
     spike_factor: float = 2.0
@@ -75,8 +84,10 @@ class RunConfig:
     # sparse-attention recipe: "dense:N1,indexer_warmup:N2,sparse" = dense CSA until step N1, indexer-only
     # KL warm-up until N2, then top-k with the KL on the selected entries. "" = sparse, no indexer loss.
     phases: str = ""
-    indexer_kl_weight: float = 1.0
-    sample_tokens: int = 48
+    indexer_kl_weight: float = 1.0  # weight of the indexer KL loss (recipe phases)
+    sample_tokens: int = 48  # greedy sample printed at the end (0: none)
+    tensorboard: bool = True  # TensorBoard event files in `out` (besides metrics.jsonl)
+    wandb_project: str | None = None  # also log to Weights & Biases (needs the wandb package)
     # sequence-length stages: "4096:N1,16384:N2,65536" = seq_len 4096 until step N1, 16384 until N2, then
     # 65536 (counts in optimiser steps, like `phases`); "" = `seq_len` throughout, which is ignored
     # otherwise. `batch` (sequences) stays fixed, so the tokens per step grow with the sequence length.
@@ -101,6 +112,11 @@ class RunConfig:
 
     def __post_init__(self):
         self.validate()
+        if self.warmup is None:
+            self.warmup = min(12, self.steps // 4)
+        if self.warmup >= self.steps:
+            raise ConfigError(f"run setting 'warmup': {self.warmup} warm-up steps leave no decay in a run of "
+                              f"{self.steps} steps (warmup must be < steps)")
 
     def validate(self, where: str = "run setting") -> None:
         """Every setting's type and range (validate.RUN_KEYS), before anything is built or compiled."""
@@ -138,32 +154,6 @@ def _read_toml(path: str) -> dict:
     return raw
 
 
-# ---------------------------------------------------------------------------- spike detector
-MAX_ROLLBACKS = 3  # rollbacks in a row without a healthy step before a (finite) spike is accepted
-
-
-@dataclasses.dataclass
-class SpikeDetector:
-    window: int
-    factor: float
-    recent: list = dataclasses.field(default_factory=list)
-    ar_left: int = 0
-    events: int = 0
-
-    def is_spike(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return True
-        full = len(self.recent) >= 3
-        return full and loss > self.factor * float(np.mean(self.recent))
-
-    def observe(self, loss: float):
-        self.recent = (self.recent + [loss])[-self.window:]
-        self.ar_left = max(0, self.ar_left - 1)
-
-    def state(self) -> dict:
-        return {"recent": self.recent, "ar_left": self.ar_left, "events": self.events}
-
-
 # ---------------------------------------------------------------------------- the trainer
 class Trainer:
     """The training run of a RunConfig. `devices` (default jax.devices()) are the mesh's devices;
@@ -196,7 +186,7 @@ class Trainer:
                                       jax.process_count(), align=align)
         # gradient accumulation runs inside the step (a scan over micro-batches), so the optimiser is the
         # plain one (OptimConfig.grad_accum = 1, no MultiSteps): one update per step
-        ocfg = optim.OptimConfig(peak_lr=rc.lr, warmup_steps=rc.warmup, total_steps=rc.steps,
+        self.ocfg = ocfg = optim.OptimConfig(peak_lr=rc.lr, warmup_steps=rc.warmup, total_steps=rc.steps,
                                  end_lr_frac=rc.end_lr_frac, weight_decay=rc.weight_decay,
                                  adam_weight_decay=rc.weight_decay, clip_norm=rc.clip_norm)
         self.schedule = optim.lr_schedule(ocfg)
@@ -205,6 +195,7 @@ class Trainer:
                                  bias_gamma=rc.bias_gamma, ar_delta=rc.ar_delta, eos_id=self.tokenizer.eos_id)
         model = M.abstract(self.cfg) if abstract else M.build(self.cfg, seed=rc.seed)
         self.graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+        self._skeleton = nnx.split(M.abstract(self.cfg), nnx.Param, ...)[1]  # roles, for a schedule change
         self.tx = optim.make_optimizer(params, ocfg)
         if abstract:
             self.ts = self._place_abstract(jax.eval_shape(lambda: T.init_train_state(M.build(self.cfg), self.tx,
@@ -215,6 +206,8 @@ class Trainer:
         self.phases = parse_phases(rc.phases, rc.steps)
         self._step_fns = {}
         self.detector = SpikeDetector(rc.spike_window, rc.spike_factor)
+        self._peak = peak_flops(self.mesh.devices.flat[0].device_kind)
+        self._flops_cache = {}
         if not abstract:
             self.manager = ocp.CheckpointManager(
                 os.path.abspath(rc.out),
@@ -288,28 +281,62 @@ class Trainer:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.ts),
                                                         meta=ocp.args.JsonSave(self._meta())))
 
-    def restore_latest(self) -> int:
-        step = self.manager.latest_step()
+    def restore_latest(self, log=print) -> int:
+        """Resume from the latest checkpoint (or `resume_step`) -> its step (0: a new run). Refuses, in
+        one line and before any file is written, a damaged checkpoint (naming the newest older one),
+        another model config, an older layout or a changed LR schedule (`rundir.schedule_steps`)."""
+        out, steps = self.rc.out, list(self.manager.all_steps())
+        for name in rundir.incomplete_steps(out, steps):
+            log(f"note: {out}/{name} is not a complete checkpoint (an interrupted save): ignored")
+        step, later = rundir.pick_step(steps, self.rc.resume_step, out)
         if step is None:
             return 0
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - any orbax/IO failure means a damaged checkpoint
-            raise CheckpointError(f"checkpoint {self.rc.out}/{step} is damaged: {e}") from None
-        _check_same_model(meta["model_config"], self.cfg.to_hub(), f"{self.rc.out}/{step}")
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.ts, self.sharding)
+            raise CheckpointError(rundir.damaged_message(out, step, e, self._older_readable(step))) from None
+        _check_same_model(meta["model_config"], self.cfg.to_hub(), f"{out}/{step}")
         if _unstacked_layout(self.manager, step):
-            raise CheckpointError(f"checkpoint {self.rc.out}/{step} was written before v4jax's scanned layer stack "
+            raise CheckpointError(f"checkpoint {out}/{step} was written before v4jax's scanned layer stack "
                                   "(per-layer parameter trees): it cannot be resumed by this version. Its weights "
                                   "still load for inference (infer.py --checkpoint); to train on, start a new --out")
+        total = rundir.schedule_steps(meta.get("run"), self.rc, f"checkpoint {out}/{step}", log)
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.ts, self.sharding)
         try:
             self.ts = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target)))["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {self.rc.out}/{step} is damaged or does not fit: {e}") from None
+            raise CheckpointError(rundir.damaged_message(out, step, e, self._older_readable(step))
+                                  .replace("is damaged", "is damaged or does not fit")) from None
+        if total != self.ocfg.total_steps:
+            self._set_schedule(total)
+        if later:  # resuming from an earlier step: the later ones are moved aside (kept), by one process
+            if jax.process_index() == 0:
+                rundir.move_aside(out, later, log)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                multihost_utils.sync_global_devices("v4jax: later checkpoints moved aside")
+            self.manager.reload()
         self.data.set_state(meta["data"])
         self.detector = SpikeDetector(self.rc.spike_window, self.rc.spike_factor, **meta["detector"])
         return step
+
+    def _older_readable(self, step: int) -> int | None:
+        """The newest checkpoint before `step` whose record reads (offered when `step` is damaged)."""
+        for s in sorted((s for s in self.manager.all_steps() if s < step), reverse=True):
+            try:
+                self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                return s
+            except Exception:  # noqa: BLE001
+                continue
+        return None
+
+    def _set_schedule(self, total_steps: int):
+        """Rebuild the optimiser on a schedule of `total_steps` (same state structure, new step functions)."""
+        self.ocfg = dataclasses.replace(self.ocfg, total_steps=total_steps)
+        self.schedule = optim.lr_schedule(self.ocfg)
+        self.tx = optim.make_optimizer(self._skeleton, self.ocfg)
+        self._step_fns = {}
 
     # ------------------------------------------------------------------ the loop
     def _batch(self, seq_len: int) -> dict:
@@ -321,55 +348,86 @@ class Trainer:
     def _snapshot(self, step):
         return step, jax.tree.map(jnp.copy, self.ts)  # model state only: the data stream never rewinds
 
-    def run(self, log=print) -> dict:
+    def run(self, log=print, bar: bool = False) -> dict:
+        """Train to `rc.steps` (resuming from the run directory) -> the last step's metrics record.
+        `log` takes the progress and event lines; `bar`: a tqdm bar instead of progress lines."""
         rc = self.rc
         os.makedirs(rc.out, exist_ok=True)
-        self._write_model_config()
-        start = self.restore_latest()
-        metrics_path = os.path.join(rc.out, "metrics.jsonl")
         writer = jax.process_index() == 0  # one process writes the shared files (orbax coordinates checkpoints)
-        if writer:
-            _truncate_metrics(metrics_path, start)
-        if start:
-            log(f"resumed from {rc.out} at step {start}")
-        snaps, self._retries = [self._snapshot(start)], 0  # rollback points (the last two), rollbacks in a row
-        t_begin, last = time.time(), {}
-        with open(metrics_path if writer else os.devnull, "a") as mlog:
-            step = start
-            while step < rc.steps:
-                ar = self.detector.ar_left > 0
-                phase, seq_len = self.phase_at(step), self.seq_len_at(step)
-                t0 = time.time()
-                batch = self._batch(seq_len)
-                with jax.set_mesh(self.mesh):  # lets the MoE pick the expert-parallel dispatch (moe.ep_layout)
-                    self.ts, met = self.step_fn(phase)(self.ts, batch, jnp.asarray(ar))
-                loss = float(met["loss"])
-                dt = time.time() - t0
-                if rc.spike_detect and self.detector.is_spike(loss):
-                    back = self._on_spike(snaps, step, loss, mlog, log)
-                    if back is not None:
-                        step = back
-                        continue
-                self.detector.observe(loss)
-                self._retries = 0
-                step += 1
-                tokens = rc.batch * rc.grad_accum * seq_len * jax.process_count()
-                last = dict(_record(step, met, float(self.schedule(step - 1)), tokens / dt, ar), phase=phase,
-                            seq_len=seq_len)
-                mlog.write(json.dumps(last) + "\n")
-                mlog.flush()
-                if step % rc.log_every == 0 or step == start + 1 or step == rc.steps:
-                    eta = (time.time() - t_begin) / (step - start) * (rc.steps - step)
-                    log(f"step {step:6d}  loss {loss:7.4f}  lr {last['lr']:.2e}  {last['tokens_per_sec']:9.0f} tok/s  "
-                        f"ETA {eta:6.0f}s" + ("  [anticipatory routing]" if ar else ""))
-                if rc.save_every and step % rc.save_every == 0 or step == rc.steps:
-                    self.save(step)
-                if step == rc.inject_spike_at and not self.detector.events:
-                    self._inject_spike()  # testing hook, once: damages the state the snapshot below takes
-                if step % rc.snapshot_every == 0 and not ar:
-                    snaps = (snaps + [self._snapshot(step)])[-2:]
-        self.manager.wait_until_finished()
+        lock = rundir.RunLock(rc.out).acquire() if writer else None
+        try:
+            start = self.restore_latest(log)  # everything that can refuse the run, before a file is written
+            self._write_model_config()
+            if writer:
+                rundir.truncate_metrics(os.path.join(rc.out, "metrics.jsonl"), start, log)
+            if start:
+                log(f"resumed from {rc.out} at step {start}")
+            with RunLog(rc.out, start, writer, rc.tensorboard, rc.wandb_project, dataclasses.asdict(rc)) as mlog:
+                progress = Progress(rc.steps, start, rc.log_every, log, bar and writer)
+                try:
+                    last = self._loop(start, mlog, progress)
+                finally:
+                    progress.close()
+            self.manager.wait_until_finished()
+        finally:
+            if lock:
+                lock.release()
         return last
+
+    def _loop(self, start: int, mlog, progress) -> dict:
+        rc = self.rc
+        snaps, self._retries = [self._snapshot(start)], 0  # rollback points (the last two), rollbacks in a row
+        budget = RollbackBudget()
+        last, step = {}, start
+        while step < rc.steps:
+            ar = self.detector.ar_left > 0
+            phase, seq_len = self.phase_at(step), self.seq_len_at(step)
+            t0 = time.time()
+            batch = self._batch(seq_len)
+            with jax.set_mesh(self.mesh):  # lets the MoE pick the expert-parallel dispatch (moe.ep_layout)
+                self.ts, met = self.step_fn(phase)(self.ts, batch, jnp.asarray(ar))
+            loss = float(met["loss"])
+            dt = time.time() - t0
+            budget.tick()
+            if rc.spike_detect and self.detector.is_spike(loss):
+                budget.spend(step + 1, loss, rc)
+                back = self._on_spike(snaps, step, loss, mlog, progress.note)
+                if back is not None:
+                    step = back
+                    continue
+            self.detector.observe(loss)
+            self._retries = 0
+            step += 1
+            last = self._log_step(step, met, dt, ar, phase, seq_len, mlog, progress)
+            if rc.save_every and step % rc.save_every == 0 or step == rc.steps:
+                self.save(step)
+            if step == rc.inject_spike_at and not self.detector.events:
+                self._inject_spike()  # testing hook, once: damages the state the snapshot below takes
+            if step % rc.snapshot_every == 0 and not ar:
+                snaps = (snaps + [self._snapshot(step)])[-2:]
+        return last
+
+    def _log_step(self, step, met, dt, ar, phase, seq_len, mlog, progress) -> dict:
+        """One step's record -> metrics.jsonl and the dashboards (every step), the progress line or bar."""
+        rc = self.rc
+        rows = rc.batch * rc.grad_accum * jax.process_count()
+        rec = dict(_record(step, met, float(self.schedule(step - 1)), rows * seq_len / dt, ar), phase=phase,
+                   seq_len=seq_len)
+        if self._peak:  # model FLOP utilisation on a chip of known peak (the first step includes compile)
+            rec["mfu"] = self._flops(seq_len, rows) / dt / (self._peak * self.mesh.devices.size)
+        mlog.write(json.dumps(rec) + "\n")  # one whole line per write, flushed
+        mlog.flush()
+        if "expert_load" in met and (step % rc.log_every == 0 or step == rc.steps):
+            mlog.expert_load(step, np.asarray(met["expert_load"]))
+        progress.update(step, rec, ar)
+        return rec
+
+    def _flops(self, seq_len: int, rows: int) -> float:
+        from .flops import step_flops
+        key = (seq_len, rows)
+        if key not in self._flops_cache:
+            self._flops_cache[key] = step_flops(self.cfg, seq_len, rows)["total"]
+        return self._flops_cache[key]
 
     def phase_at(self, step: int) -> str:
         return next(name for name, until in self.phases if step < until)
@@ -430,70 +488,11 @@ class Trainer:
         self.ts = dict(self.ts, params=jax.tree.unflatten(tdef, noisy))
 
     def _write_model_config(self):
-        if jax.process_index() != 0:
-            return
-        path = os.path.join(self.rc.out, "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.cfg.to_hub(), f, indent=2)
-        os.replace(tmp, path)
+        if jax.process_index() == 0:
+            rundir.write_atomic(os.path.join(self.rc.out, "config.json"), json.dumps(self.cfg.to_hub(), indent=2))
 
     def model(self) -> M.Transformer:
         return nnx.merge(self.graphdef, self.ts["params"], self.ts["rest"])
-
-
-def parse_phases(spec: str, steps: int) -> list[tuple[str, int]]:
-    """"dense:40,indexer_warmup:60,sparse" -> [("dense", 40), ("indexer_warmup", 60), ("sparse", steps)]."""
-    if not spec:
-        return [("", steps)]
-    out, prev = [], 0
-    for part in spec.split(","):
-        name, _, until = part.strip().partition(":")
-        if name not in ("dense", "indexer_warmup", "sparse"):
-            raise ValueError(f"phases: unknown phase '{name}' (dense, indexer_warmup, sparse)")
-        end = int(until) if until else steps
-        if end <= prev:
-            raise ValueError(f"phases: '{part}' must end after step {prev}")
-        out.append((name, end))
-        prev = end
-    out[-1] = (out[-1][0], max(out[-1][1], steps))
-    return out
-
-
-def parse_seq_stages(spec: str, steps: int) -> list[tuple[int, int]]:
-    """"128:40,256" -> [(128, 40), (256, steps)]: seq_len 128 until step 40, then 256 to the end."""
-    out, prev = [], 0
-    parts = [p.strip() for p in str(spec).split(",")]
-    for i, part in enumerate(parts):
-        length, sep, until = part.partition(":")
-        try:
-            length = int(length)
-            end = int(until) if sep else steps
-        except ValueError:
-            raise ValueError(f"seq_stages: '{part}' is not SEQ_LEN:UNTIL_STEP") from None
-        if length < 1:
-            raise ValueError(f"seq_stages: sequence length {length} must be positive")
-        if not sep and i < len(parts) - 1:
-            raise ValueError(f"seq_stages: only the last stage may leave out its end step ('{part}')")
-        if end <= prev:
-            raise ValueError(f"seq_stages: '{part}' must end after step {prev}")
-        out.append((length, end))
-        prev = end
-    out[-1] = (out[-1][0], max(out[-1][1], steps))
-    return out
-
-
-QAT_OPTIONS = {"fp8_linear": "qat_fp8_linear", "fp4_experts": "qat_fp4_experts", "fp4_indexer": "qat_sim"}
-
-
-def parse_qat(spec: str) -> dict:
-    """"fp8_linear,fp4_experts,fp4_indexer" -> the ModelConfig run-time fields they turn on."""
-    out = {}
-    for name in filter(None, (p.strip() for p in str(spec).split(","))):
-        if name not in QAT_OPTIONS:
-            raise ValueError(f"qat: unknown option '{name}' ({', '.join(QAT_OPTIONS)})")
-        out[QAT_OPTIONS[name]] = True
-    return out
 
 
 def _record(step, met, lr, tps, ar) -> dict:
@@ -503,18 +502,6 @@ def _record(step, met, lr, tps, ar) -> dict:
     if "max_load_ratio" in met:
         rec["max_load_ratio"] = [round(float(x), 4) for x in np.asarray(met["max_load_ratio"])]
     return rec
-
-
-def _truncate_metrics(path: str, step: int):
-    """Drop records after `step` (a killed run may have logged steps its checkpoint does not hold)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def _check_same_model(saved: dict, current: dict, where: str):

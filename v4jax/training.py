@@ -236,6 +236,7 @@ def make_train_step(graphdef, tx, lcfg: LossConfig, state_sharding=None, batch_s
                    "grad_norm": optax.tree.norm(grads)}
         if loads is not None:  # max load / mean load per routed layer (1 = perfectly balanced)
             metrics["max_load_ratio"] = jnp.max(loads, axis=-1) * loads.shape[-1]
+            metrics["expert_load"] = loads  # [routed layers, E], each row sums to 1 (the dashboards' image)
         new = {"params": params, "rest": rest, "opt": opt, "step": ts["step"] + 1, "router_ring": ring}
         return new, metrics
 

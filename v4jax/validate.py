@@ -160,16 +160,17 @@ MODEL_KEYS: dict[str, Key] = {
 _PATH, _OPT_PATH = Key("str"), Key("str", optional=True)
 RUN_KEYS: dict[str, Key] = {
     "config": _PATH, "steps": _POS, "batch": _POS, "seq_len": _POS, "lr": Key("float", above=0),
-    "warmup": _NONNEG, "end_lr_frac": Key("float", min=0, max=1), "weight_decay": Key("float", min=0),
+    "warmup": Key("int", min=0, optional=True), "end_lr_frac": Key("float", min=0, max=1), "weight_decay": Key("float", min=0),
     "clip_norm": _FLOAT,  # <= 0: no clipping (optim.OptimConfig)
     "seed": _NONNEG, "out": _PATH,
     "save_every": _NONNEG,  # 0: only at the last step
-    "keep": _POS, "mesh": _OPT_PATH, "data": _OPT_PATH, "data_max_bytes": _POS, "tokenizer": _OPT_PATH,
+    "keep": _POS, "resume_step": Key("int", min=-1),
+    "schedule_change": Key("str", choices=("refuse", "extend", "adopt")), "mesh": _OPT_PATH, "data": _OPT_PATH, "data_max_bytes": _POS, "tokenizer": _OPT_PATH,
     "log_every": _POS, "bias_gamma": Key("float", min=0), "balance_alpha": Key("float", min=0),
     "mtp_weight": Key("float", min=0), "mtp_weight_late": Key("float", min=0), "spike_detect": Key("bool"),
     "spike_window": _POS, "spike_factor": Key("float", above=0), "snapshot_every": _POS,
     "ar_delta": _NONNEG, "ar_steps": _NONNEG, "inject_spike_at": Key("int", min=-1),
-    "phases": Key("str"), "indexer_kl_weight": Key("float", min=0), "sample_tokens": _NONNEG,
+    "phases": Key("str"), "indexer_kl_weight": Key("float", min=0), "sample_tokens": _NONNEG, "tensorboard": Key("bool"), "wandb_project": _OPT_PATH,
     "seq_stages": Key("str"), "grad_accum": _POS, "qat": Key("str"),
     **{k: MODEL_KEYS[k] for k in ("attention_kernel", "moe_impl", "moe_kernel", "moe_capacity_factor",
                                   "scan_layers", "remat", "dtype", "param_dtype")},
