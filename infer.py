@@ -110,6 +110,8 @@ def _generation_options(g: argparse.ArgumentParser, name: str) -> None:
     g.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     if name == "generate":
         g.add_argument("--prompt", required=True, help="the user message (with --mode raw: the whole prompt)")
+        g.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the prefill and decode "
+                       "to DIR (TensorBoard's profile plugin, Perfetto; default: none)")
     g.add_argument("--mode", default="chat", help="reasoning mode: chat | think-high | think-max"
                    + (" | raw (the prompt as is, BOS added)" if name == "generate" else ""))
     g.add_argument("--max-new-tokens", type=int, default=128,
@@ -339,7 +341,15 @@ def cmd_generate(args) -> int:
     ids = list(tok.encode(text))
     if args.mode == "raw" and (not ids or ids[0] != engine.cfg.bos_token_id):
         ids = [engine.cfg.bos_token_id] + ids
-    res = generate(engine, [ids], sampling, tok, stream_writer(sys.stdout), speculative=args.speculative)
+    if args.profile:
+        import jax
+        jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
+    try:
+        res = generate(engine, [ids], sampling, tok, stream_writer(sys.stdout), speculative=args.speculative)
+    finally:
+        if args.profile:
+            jax.profiler.stop_trace()
+            print(f"[profile written to {args.profile}]", file=sys.stderr)
     g = res["outputs"][0]
     sys.stdout.write("\n")
     print(f"[{len(ids)} prompt tokens, {len(g.tokens)} new ({g.finish}); prefill {res['prefill_s']:.2f}s, "

@@ -272,3 +272,16 @@ def test_the_compilation_cache_location(monkeypatch, tmp_path):
     for off in ("off", "0", "OFF"):
         monkeypatch.setenv("V4JAX_COMPILE_CACHE", off)
         assert compile_cache.enable() is None
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    tr = _fake_trainer(tmp_path, [5.0] * 4, steps=4, warmup=1, spike_detect=False, profile_steps="2:3")
+    notes = []
+    tr.run(log=notes.append)
+    runs = os.listdir(tmp_path / "run" / "profile" / "plugins" / "profile")
+    files = os.listdir(tmp_path / "run" / "profile" / "plugins" / "profile" / runs[0])
+    assert len(runs) == 1 and any(f.endswith(".xplane.pb") for f in files) and "perfetto_trace.json.gz" in files
+    assert any("profile of steps 2:3 written to" in n for n in notes)
+    for bad in ("3:2", "0:1", "a:b"):
+        with pytest.raises(ConfigError, match="'profile_steps': expected A:B"):
+            RunConfig(profile_steps=bad)

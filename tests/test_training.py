@@ -206,13 +206,14 @@ def test_sparse_attention_recipe_phases(tmp_path):
         assert same != ("indexer" in path), path
 
 
-def test_generate_from_the_training_checkpoint(uninterrupted, capsys):
-    """infer.py generate on what train.py saved: raw prompt, greedy, speculative (MTP) and plain agree."""
+def test_generate_from_the_training_checkpoint(uninterrupted, capsys, tmp_path):
+    """infer.py generate on what train.py saved: raw prompt, greedy, speculative (MTP) and plain agree;
+    --profile writes a trace."""
     import infer
 
     out, _ = uninterrupted
     outs = []
-    for extra in ([], ["--speculative"]):
+    for extra in (["--profile", str(tmp_path / "prof")], ["--speculative"]):
         rc = infer.main(["generate", "--checkpoint", str(out), "--prompt", "def main(", "--mode", "raw",
                          "--max-new-tokens", "12", "--max-context", "256", *extra])
         cap = capsys.readouterr()
@@ -220,6 +221,8 @@ def test_generate_from_the_training_checkpoint(uninterrupted, capsys):
         outs.append(cap.out)
         assert "12 new (length)" in cap.err and "tokens/s" in cap.err
     assert outs[0] == outs[1] and len(outs[0]) > 1
+    (run,) = os.listdir(tmp_path / "prof" / "plugins" / "profile")
+    assert any(f.endswith(".xplane.pb") for f in os.listdir(tmp_path / "prof" / "plugins" / "profile" / run))
     assert "MTP acceptance" in cap.err
     rc = infer.main(["generate", "--checkpoint", str(out), "--prompt", "x" * 300, "--mode", "raw",
                      "--max-context", "256"])

@@ -140,3 +140,44 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+    """"A:B" -> (A, B), 1 <= A <= B (the steps a profiler trace covers); "" -> None."""
+    if not spec:
+        return None
+    a, sep, b = spec.partition(":")
+    try:
+        lo, hi = int(a), int(b) if sep else int(a)
+    except ValueError:
+        lo = hi = 0
+    if not 1 <= lo <= hi:
+        raise ConfigError(f"run setting 'profile_steps': expected A:B with 1 <= A <= B (steps), got {spec!r}")
+    return lo, hi
+
+
+class Trace:
+    """A jax.profiler trace of steps A..B of a run (`profile_steps`), written to `directory` as
+    TensorBoard's profile plugin reads it (plugins/profile/<time>/*.xplane.pb) plus a Perfetto trace."""
+
+    def __init__(self, spec: str, directory: str, note=print):
+        self.span, self.dir, self.note, self.on = parse_profile_steps(spec), directory, note, False
+
+    def before(self, step: int) -> None:
+        if self.span and not self.on and self.span[0] <= step <= self.span[1]:
+            import jax
+            jax.profiler.start_trace(self.dir, create_perfetto_trace=True)
+            self.on = True
+
+    def after(self, step: int) -> None:
+        if self.on and step >= self.span[1]:
+            self.stop()
+            self.note(f"profile of steps {self.span[0]}:{self.span[1]} written to {self.dir} "
+                      f"(tensorboard --logdir {self.dir}, or its perfetto_trace.json.gz in ui.perfetto.dev)")
+            self.span = None  # once
+
+    def stop(self) -> None:
+        if self.on:
+            import jax
+            jax.profiler.stop_trace()
+            self.on = False

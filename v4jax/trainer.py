@@ -32,7 +32,7 @@ from . import optim
 from . import rundir
 from .runspec import QAT_OPTIONS, parse_phases, parse_qat, parse_seq_stages  # noqa: F401
 from .flops import peak_flops
-from .runlog import Progress, RunLog
+from .runlog import Progress, RunLog, Trace, parse_profile_steps
 from .spikes import MAX_ROLLBACKS, ROLLBACK_LIMIT, ROLLBACK_WINDOW, RollbackBudget, SpikeDetector  # noqa: F401
 from . import training as T
 from .checkpoint import CheckpointError
@@ -87,6 +87,8 @@ class RunConfig:
     indexer_kl_weight: float = 1.0  # weight of the indexer KL loss (recipe phases)
     sample_tokens: int = 48  # greedy sample printed at the end (0: none)
     tensorboard: bool = True  # TensorBoard event files in `out` (besides metrics.jsonl)
+    # "A:B": a jax.profiler trace of steps A..B into out/profile (TensorBoard's profile plugin, Perfetto)
+    profile_steps: str = ""
     wandb_project: str | None = None  # also log to Weights & Biases (needs the wandb package)
     # sequence-length stages: "4096:N1,16384:N2,65536" = seq_len 4096 until step N1, 16384 until N2, then
     # 65536 (counts in optimiser steps, like `phases`); "" = `seq_len` throughout, which is ignored
@@ -114,6 +116,7 @@ class RunConfig:
         self.validate()
         if self.warmup is None:
             self.warmup = min(12, self.steps // 4)
+        parse_profile_steps(self.profile_steps)
         if self.warmup >= self.steps:
             raise ConfigError(f"run setting 'warmup': {self.warmup} warm-up steps leave no decay in a run of "
                               f"{self.steps} steps (warmup must be < steps)")
@@ -378,8 +381,10 @@ class Trainer:
         rc = self.rc
         snaps, self._retries = [self._snapshot(start)], 0  # rollback points (the last two), rollbacks in a row
         budget = RollbackBudget()
+        trace = Trace(rc.profile_steps, os.path.join(rc.out, "profile"), progress.note)
         last, step = {}, start
         while step < rc.steps:
+            trace.before(step + 1)
             ar = self.detector.ar_left > 0
             phase, seq_len = self.phase_at(step), self.seq_len_at(step)
             t0 = time.time()
@@ -399,12 +404,14 @@ class Trainer:
             self._retries = 0
             step += 1
             last = self._log_step(step, met, dt, ar, phase, seq_len, mlog, progress)
+            trace.after(step)
             if rc.save_every and step % rc.save_every == 0 or step == rc.steps:
                 self.save(step)
             if step == rc.inject_spike_at and not self.detector.events:
                 self._inject_spike()  # testing hook, once: damages the state the snapshot below takes
             if step % rc.snapshot_every == 0 and not ar:
                 snaps = (snaps + [self._snapshot(step)])[-2:]
+        trace.stop()
         return last
 
     def _log_step(self, step, met, dt, ar, phase, seq_len, mlog, progress) -> dict:

@@ -170,7 +170,7 @@ RUN_KEYS: dict[str, Key] = {
     "mtp_weight": Key("float", min=0), "mtp_weight_late": Key("float", min=0), "spike_detect": Key("bool"),
     "spike_window": _POS, "spike_factor": Key("float", above=0), "snapshot_every": _POS,
     "ar_delta": _NONNEG, "ar_steps": _NONNEG, "inject_spike_at": Key("int", min=-1),
-    "phases": Key("str"), "indexer_kl_weight": Key("float", min=0), "sample_tokens": _NONNEG, "tensorboard": Key("bool"), "wandb_project": _OPT_PATH,
+    "phases": Key("str"), "indexer_kl_weight": Key("float", min=0), "sample_tokens": _NONNEG, "tensorboard": Key("bool"), "profile_steps": Key("str"), "wandb_project": _OPT_PATH,
     "seq_stages": Key("str"), "grad_accum": _POS, "qat": Key("str"),
     **{k: MODEL_KEYS[k] for k in ("attention_kernel", "moe_impl", "moe_kernel", "moe_capacity_factor",
                                   "scan_layers", "remat", "dtype", "param_dtype")},
