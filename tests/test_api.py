@@ -35,9 +35,9 @@ def test_score_equals_the_official_forward_logits(m, expected):
     got = m.score(e["tokens"])
     assert got.shape == e["logits_full"].shape and got.dtype == np.float32
     assert np.abs(got - e["logits_full"]).max() <= TOL
-    row = m.score(e["tokens"][0, :40])  # one sequence [S] -> [1, S, V]; causal: a prefix scores alike
-    assert row.shape == (1, 40, 1024) and np.abs(row[0] - e["logits_full"][0, :40]).max() <= TOL
-    assert m.score("ab").shape == (1, 3, 1024)  # a text: BOS + its bytes
+    text = m.score("ab")  # a text: BOS + its tokens, as one sequence [S] -> [1, S, V]
+    assert text.shape == (1, 3, 1024)
+    np.testing.assert_array_equal(text, m.score(np.array(m.prompt_ids("ab"))))
 
 
 def test_generate_prints_what_infer_generate_prints(m, capsys):
@@ -60,17 +60,19 @@ def test_a_list_of_prompts_gives_a_list(m):
 
 
 def test_chat_keeps_one_conversation(m):
+    msg = "Please tell me a long story about a cat that lives in a lighthouse by the sea."  # past the window
     m.reset_chat()
-    first = m.chat("Hi", max_new_tokens=6)
-    second = m.chat("And then?", max_new_tokens=6)
+    first = m.chat(msg, max_new_tokens=12)
+    second = m.chat("And then?", max_new_tokens=12)
     msgs = m.messages
     assert [x["role"] for x in msgs] == ["user", "assistant"] * 2
-    assert msgs[0]["content"] == "Hi" and msgs[1]["content"] == first and msgs[3]["content"] == second
+    assert msgs[0]["content"] == msg and msgs[1]["content"] == first and msgs[3]["content"] == second
     m.reset_chat()
     assert m.messages == []
-    assert m.chat("Hi", max_new_tokens=6) == first
-    m.generate("unrelated", max_new_tokens=4)  # reuses the chat's engine: the next turn prefills afresh
-    assert m.chat("And then?", max_new_tokens=6) == second and len(m.messages) == 4
+    assert m.chat(msg, max_new_tokens=12) == first
+    # generate() reuses the chat's engine (its entries overwritten): the next turn prefills afresh
+    m.generate("x = [1, 2, 3]; y = {'a': 1}; " * 3, max_new_tokens=8)
+    assert m.chat("And then?", max_new_tokens=12) == second and len(m.messages) == 4
 
 
 def test_refusals_are_the_cli_messages(m, tmp_path):

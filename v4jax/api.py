@@ -1,14 +1,7 @@
-"""The Python API: `v4jax.load(path)` -> a `LoadedModel` with `generate`, `chat` and `score`.
-
-    import v4jax
-    m = v4jax.load("runs/default", max_context=1024)      # a hub directory or a train.py run directory
-    m.generate("def main(", max_new_tokens=32)              # -> str (a list of prompts -> a list)
-    m.chat("Why is the sky blue?"); m.messages              # one conversation, kept across calls
-    m.score(tokens)                                         # -> logits np.ndarray [B, S, V]
-
-The same loading, prompt and sampling rules as `infer.py generate / chat / score`. Decode engines are
-built on first use and reused (each new one compiles its steps): one per (batch, speculative), all
-of `max_context` tokens; generate and chat share the batch-1 engine.
+"""The Python API: `v4jax.load(path)` -> a `LoadedModel` with `generate`, `chat` and `score`, following
+`infer.py generate / chat / score` (loading, prompts, sampling, refusals). Decode engines are built on
+first use and kept (each new one compiles its steps): one per (batch, speculative), each holding a
+state of `max_context` tokens; generate and chat share the batch-1 engine.
 """
 from __future__ import annotations
 
@@ -30,7 +23,7 @@ def _choice(name: str, value, choices) -> None:
 
 
 def load(path, *, weights: str = "native", dtype: str = "float32", kv_layout: str | None = None,
-         max_context: int = 4096, tokenizer=None, mesh=None, prompt_texts=None, **runtime) -> "LoadedModel":
+         max_context: int = 4096, tokenizer=None, mesh=None, prompt_texts=None, **runtime) -> LoadedModel:
     """A checkpoint ready to generate, chat and score.
 
     path: a hub-format directory (config.json + *.safetensors [+ tokenizer.json]) or a train.py --out
@@ -47,22 +40,20 @@ def load(path, *, weights: str = "native", dtype: str = "float32", kv_layout: st
 
     _choice("weights", weights, WEIGHTS)
     _choice("dtype", dtype, DTYPES)
-    if kv_layout is not None:
-        _choice("kv_layout", kv_layout, KV_LAYOUTS)
+    _choice("kv_layout", kv_layout, (None, *KV_LAYOUTS))
+    keys = [k for k in RUNTIME_KEYS if k != "native_weights"]  # that one is `weights`
     for key in runtime:
-        if key not in RUNTIME_KEYS or key in ("dtype", "native_weights"):
-            hint = near_miss(key, RUNTIME_KEYS)
+        if key not in keys:
+            hint = near_miss(key, keys)
             raise ConfigError(f"load(): unknown keyword '{key}'" + (f" (did you mean '{hint}'?)" if hint else "")
-                              + "; run-time keys: " + ", ".join(k for k in RUNTIME_KEYS if k != "native_weights"))
+                              + f"; run-time keys: {', '.join(keys)}")
     if isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1:
         raise ValueError(f"max_context must be an integer >= 1, got {max_context!r}")
     path = os.fspath(path)
     tok = tokenizer if hasattr(tokenizer, "encode") else load_tokenizer(
         tokenizer, default=os.path.join(path, "tokenizer.json"))
-    if prompt_texts is None or isinstance(prompt_texts, chat.PromptTexts):
-        texts = prompt_texts or chat.DEFAULT_TEXTS
-    else:
-        texts = chat.load_prompt_texts(prompt_texts)
+    texts = (prompt_texts or chat.DEFAULT_TEXTS) if prompt_texts is None or isinstance(
+        prompt_texts, chat.PromptTexts) else chat.load_prompt_texts(prompt_texts)
     if isinstance(mesh, (str, dict)):
         from .sharding import make_mesh
         mesh = make_mesh(mesh)
@@ -108,8 +99,10 @@ def _place(module, mesh):
         for p, v in nnx.to_flat_state(state)]))
 
 
-def _check_sampling(max_new_tokens, temperature, top_k, top_p, speculative) -> None:
-    """The checks `infer.py` makes of its sampling options, naming the keyword arguments."""
+def _sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, speculative):
+    """A SamplingConfig, after infer.py's checks of its sampling options (naming the keyword arguments)."""
+    from .sampling import SamplingConfig
+
     for name, value, ok, want in (
             ("temperature", temperature, math.isfinite(temperature) and temperature >= 0,
              "a finite number >= 0 (0 = greedy)"),
@@ -120,6 +113,8 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p, speculative) -> N
             raise ValueError(f"{name} must be {want}, got {value}")
     if speculative and temperature != 0:
         raise ValueError(f"speculative=True reproduces greedy decoding: use temperature=0, not {temperature}")
+    return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens,
+                          stop_strings=(stop,) if isinstance(stop, str) else tuple(stop))
 
 
 class LoadedModel:
@@ -141,8 +136,7 @@ class LoadedModel:
         self._chat_stale = False  # generate() reused the chat engine: the next turn prefills afresh
 
     def __repr__(self):
-        c = self.config
-        return (f"LoadedModel({self.path!r}: {c.num_hidden_layers} layers, dim {c.dim}, vocab {c.vocab_size}, "
+        return (f"LoadedModel({self.path!r}: {self.config.num_hidden_layers} layers, vocab {self.config.vocab_size}, "
                 f"max_context {self.max_context})")
 
     def engine(self, batch: int = 1, speculative: bool = False):
@@ -152,21 +146,13 @@ class LoadedModel:
 
         key = (batch, bool(speculative))
         if key not in self._engines:
-            if self._decode_module is None:
+            if self._decode_module is None:  # Engine would relayout a scanned stack itself, once per engine
                 scanned = any(seg.reps > 1 for seg in self.module.plan)
                 self._decode_module = relayout(self.module, scan_layers=False) if scanned else self.module
             self._engines[key] = Engine(self._decode_module, self.max_context, batch=batch,
                                         kv_layout=self.kv_layout, speculative=bool(speculative),
                                         min_bucket=min(1024, self.max_context))
         return self._engines[key]
-
-    def _sampling(self, max_new_tokens, temperature, top_k, top_p, seed, stop, speculative):
-        from .sampling import SamplingConfig
-
-        _check_sampling(max_new_tokens, temperature, top_k, top_p, speculative)
-        stop = (stop,) if isinstance(stop, str) else tuple(stop)
-        return SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                              max_new_tokens=max_new_tokens, stop_strings=stop)
 
     def prompt_ids(self, prompt: str, mode: str = "raw") -> list[int]:
         """The tokens `generate` feeds for `prompt`: raw text with BOS in front, or one user turn
@@ -177,7 +163,7 @@ class LoadedModel:
         if mode not in modes:
             raise ValueError(f"unknown mode '{mode}': use one of {', '.join(modes)}")
         if not isinstance(prompt, str):
-            raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
+            raise TypeError(f"a prompt must be a string, got {type(prompt).__name__}")
         if mode != "raw":
             prompt = chat.render([{"role": "user", "content": prompt}], mode=mode, texts=self.texts)
         ids = list(self.tokenizer.encode(prompt))
@@ -196,7 +182,7 @@ class LoadedModel:
         piece) receives the text as it is generated."""
         from .serving import generate
 
-        sampling = self._sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
+        sampling = _sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts:
@@ -239,8 +225,8 @@ class LoadedModel:
         if mode not in chat.MODES:
             raise ValueError(f"unknown mode '{mode}': use one of {', '.join(chat.MODES)}")
         if not isinstance(message, str):
-            raise ValueError(f"a message must be a string, got {type(message).__name__}")
-        sampling = self._sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
+            raise TypeError(f"a message must be a string, got {type(message).__name__}")
+        sampling = _sampling(max_new_tokens, temperature, top_k, top_p, seed, stop, speculative)
         s = self._chat_session(speculative)
         s.mode = mode
         used, room = reply_room(s, message)
