@@ -114,7 +114,8 @@ def test_model_logits_match_jnp(loaded):
         args = (p, ids, jnp.zeros((2,), jnp.int32), None)
         traced = M.forward_fn(nnx.graphdef(M.abstract(cfg)), collect=True).trace(*args)
         # CSA layers 1 and 3, each staged twice by lax.platform_dependent (interpreted for CPU, Mosaic else)
-        assert str(traced.jaxpr).count("pallas_call") == (2 * 2 if kernel != "jnp" else 0)
+        # up to jax 0.10; jax 0.12 stages only the branch of the platform it lowers for
+        assert str(traced.jaxpr).count("pallas_call") in ((2, 2 * 2) if kernel != "jnp" else (0,))
         out[kernel] = traced.lower().compile()(*args)
     topk = np.asarray(out["jnp"]["aux"][1]["topk"])
     assert topk.shape[-1] == 8 and (topk[:, -1] >= 0).all()  # 16 visible entries, 8 kept

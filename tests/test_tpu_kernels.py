@@ -173,7 +173,10 @@ def test_moe_grouped_matmul_forward_and_grad_compile(topology, kernel):
     fn = jax.value_and_grad(functools.partial(_gmm_loss, kernel, e), argnums=(0, 1))
     compiled = _aot(fn, topology, ((t, d), jnp.bfloat16), ((e, f, d), jnp.bfloat16), ((t, k), jnp.int32))
     calls = _mosaic_calls(compiled)
-    assert len(calls) == 3 and all(v < 16 * MIB for _, v in calls), calls
+    # megablox: exactly its three kernels. ragged_dot's lowering is libtpu's own and differs by version:
+    # 0.0.42 gives one "ragged-dot-metadata" kernel + two matmuls, 0.0.50 two metadata kernels + three
+    assert (len(calls) >= 3 if kernel == "ragged_dot" else len(calls) == 3), calls
+    assert all(v < 16 * MIB for _, v in calls), calls
 
 
 def test_ragged_dot_keeps_highest_off_tpu():

@@ -41,11 +41,15 @@ class RunLog:
         self.enabled = enabled
         self.file = open(os.path.join(out, "metrics.jsonl") if enabled else os.devnull, "a")
         self.tb = self.wb = None
-        if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(logdir=out, purge_step=start + 1 if start else None, flush_secs=30)
-        if enabled and wandb_project:
-            self.wb = _wandb(wandb_project, out, config or {})
+        try:
+            if enabled and wandb_project:  # first: a missing package leaves nothing open
+                self.wb = _wandb(wandb_project, out, config or {})
+            if enabled and tensorboard:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(logdir=out, purge_step=start + 1 if start else None, flush_secs=30)
+        except BaseException:
+            self.file.close()
+            raise
 
     def write(self, line: str) -> None:
         self.file.write(line)  # a whole line per call
