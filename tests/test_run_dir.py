@@ -93,6 +93,9 @@ def test_a_changed_lr_schedule_is_refused_extended_or_adopted():
     assert rundir.schedule_steps(saved, rc(steps=200, schedule_change="extend"), "ckpt", notes.append) == 120
     assert rundir.schedule_steps(saved, rc(steps=200, schedule_change="adopt"), "ckpt", notes.append) == 200
     assert "final value (3e-05) after step 120" in notes[0] and "schedule_change=adopt" in notes[1]
+    extended = {**saved, "steps": 200, "schedule_total_steps": 120}  # saved by an extended run: it stays so
+    assert rundir.schedule_steps(extended, rc(steps=200), "ckpt") == 120
+    assert rundir.schedule_steps(extended, rc(steps=300, schedule_change="extend"), "ckpt", notes.append) == 120
 
 
 # ---------------------------------------------------------------------------- settings

@@ -165,17 +165,18 @@ def schedule_steps(saved_run: dict | None, rc, where: str, log=print) -> int:
     the saved last step; "adopt" takes the new values as given, announced in the log."""
     if not saved_run or not all(k in saved_run for k in SCHEDULE_KEYS):
         return rc.steps
+    saved_total = saved_run.get("schedule_total_steps", saved_run["steps"])  # an extended run's decay end
     diff = [k for k in SCHEDULE_KEYS if saved_run[k] != getattr(rc, k)]
     if not diff:
-        return rc.steps
+        return saved_total
     change = ", ".join(f"{k} {saved_run[k]} -> {getattr(rc, k)}" for k in diff)
     if rc.schedule_change == "adopt":
         log(f"note: {where}: the learning-rate schedule changes on resume ({change}); schedule_change=adopt")
         return rc.steps
     if rc.schedule_change == "extend" and diff == ["steps"] and rc.steps > saved_run["steps"]:
         log(f"note: {where}: steps {saved_run['steps']} -> {rc.steps} with schedule_change=extend: the learning "
-            f"rate stays at its final value ({rc.end_lr_frac * rc.lr:.3g}) after step {saved_run['steps']}")
-        return saved_run["steps"]
+            f"rate stays at its final value ({rc.end_lr_frac * rc.lr:.3g}) after step {saved_total}")
+        return saved_total
     hint = ("--set schedule_change=extend (keep the decay, then hold its final rate) or " if diff == ["steps"] else "")
     raise CheckpointError(f"{where} was trained with another learning-rate schedule ({change}): resuming would "
                           f"change the rate from the next step on. Pass {hint}--set schedule_change=adopt "

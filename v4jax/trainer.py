@@ -278,7 +278,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict:
         return {"model_config": self.cfg.to_hub(), "data": self.data.get_state(),
-                "detector": self.detector.state(), "run": dataclasses.asdict(self.rc)}
+                "detector": self.detector.state(),
+                "run": {**dataclasses.asdict(self.rc), "schedule_total_steps": self.ocfg.total_steps}}
 
     def save(self, step: int):
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.ts),
