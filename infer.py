@@ -11,6 +11,8 @@
                         [--batch B] [--chunk N] [--mesh expert=8] [--dtype bfloat16] [--weights native|bf16]
                         the engine's prefill-chunk and decode steps compiled for a TPU slice (needs
                         libtpu, no TPU): per-device memory against HBM, fits, compile seconds (JSON)
+  python infer.py eval --checkpoint DIR --task ppl --data FILE|DIR | --task niah [--lengths 1024,4096]
+                        [--depths ...] [--diagnose-indexer] [--out RESULT.json]   (v4jax/evaluation/cli.py)
   python infer.py render --messages MESSAGES.json [--tools TOOLS.json] [--mode ...] [--prompt-texts FILE]
   python infer.py score --checkpoint DIR --tokens TOKENS.npy --out OUT.npz [--prefill N]
                         [--dtype float32|bfloat16] [--qat-sim] [--mesh data=2,tensor=2] [--weights native|bf16]
@@ -96,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model run-time key, e.g. attention_kernel=pallas_tpu, moe_kernel=megablox (repeatable)")
 
+    from v4jax.evaluation import cli as eval_cli
+    eval_cli.add_parser(add, _model_options)
+
     r = add("render", "print the prompt text of a conversation")
     r.add_argument("--messages", required=True, help="JSON list of messages (or an object {messages, tools})")
     r.add_argument("--tools", default=None, help="JSON list of tools (default: the messages file's, if any)")
@@ -132,6 +137,31 @@ def _generation_options(g: argparse.ArgumentParser, name: str) -> None:
                    help="official prompt blocks: JSON or encoding_dsv4.py (default: v4jax's own wording)")
     g.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
     g.add_argument("--weights", choices=("native", "bf16"), default="native", help=WEIGHTS_HELP)
+
+
+def _model_options(g: argparse.ArgumentParser) -> None:
+    """Loading options of `eval` (generate and chat have theirs in _generation_options)."""
+    g.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute and parameter dtype")
+    g.add_argument("--weights", choices=("native", "bf16"), default="native", help=WEIGHTS_HELP)
+    g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: DIR/tokenizer.json, else bytes)")
+    g.add_argument("--prompt-texts", default=None,
+                   help="official prompt blocks: JSON or encoding_dsv4.py (default: v4jax's own wording)")
+    g.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=2 (default: one device)")
+
+
+def cmd_eval(args) -> int:
+    from v4jax import api
+    from v4jax.evaluation import cli as eval_cli
+
+    def load():
+        t0 = time.time()
+        m = api.load(args.checkpoint, weights=args.weights, dtype=args.dtype, kv_layout=args.kv_dtype, max_context=1,
+                     tokenizer=args.tokenizer, mesh=args.mesh, prompt_texts=args.prompt_texts)
+        print(f"loaded {args.checkpoint} in {time.time() - t0:.1f}s", file=sys.stderr)
+        return m
+
+    return eval_cli.run(args, load)
 
 
 def cmd_score(args) -> int:
@@ -391,7 +421,7 @@ def main(argv=None) -> int:
 
     try:
         return {"score": cmd_score, "generate": cmd_generate, "chat": cmd_chat, "kv-report": cmd_kv_report,
-                "render": cmd_render, "compile": cmd_compile}[args.cmd](args)
+                "render": cmd_render, "compile": cmd_compile, "eval": cmd_eval}[args.cmd](args)
     except (AOTError, CheckpointError, ConfigError, ValueError, OSError) as e:  # OSError: names its file
         print(f"error: {e}", file=sys.stderr)
         return 2

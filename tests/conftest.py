@@ -25,6 +25,19 @@ def fixture_dir(variant: str) -> str:
     return os.path.join(FIXTURES, variant)
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): two workers, one per core of the CI machine, fewer where the
+    cores or the memory (about 8 GiB per worker at its peak) are fewer; never more, since XLA's own
+    thread pools already use every core while a test runs. V4JAX_TEST_WORKERS overrides."""
+    if os.environ.get("V4JAX_TEST_WORKERS"):
+        return int(os.environ["V4JAX_TEST_WORKERS"])
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 16
+    return max(1, min(2, os.cpu_count() or 1, int(mem_gib // 8)))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop every compiled program after each test module. XLA:CPU maps each compiled kernel into its

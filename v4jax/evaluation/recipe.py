@@ -1,0 +1,207 @@
+"""The long-context retrieval recipe: a small V4 (a 32-token window, so anything further away must
+come through CSA / HCA) trained on the CPU to retrieve far beyond its window, beside its SWA-only twin.
+
+  python -m v4jax.evaluation.recipe [--quick] [--out runs/retrieval] [--steps N] [--eval-samples N]
+
+1. data: `--docs` training documents of exactly seq_len tokens with the byte tokenizer (BOS + text +
+   EOS; one per packed row): pass-key, single-needle (repeated and essay filler) and multi-key
+   retrieval in the NIAH format (v4jax.evaluation.niah, seeds disjoint from the evaluation's), plus
+   plain prose; the question and answer close every retrieval document.
+2. training (configs/recipes/retrieval.toml): the V4 model with the sparse-attention phases
+   (dense CSA -> indexer warm-up -> sparse top-k), and the same run with every layer SWA-only
+   (compress_ratios all 0: the twin can only see 32 tokens back).
+3. evaluation at seq_len = 16x the window: exact match per task of both models (greedy replies
+   through the decode engine), the V4 model also with csa_mode=dense (every compressed entry: what
+   the switch to top-k costs), and the indexer's recall of the needle's entries (chance: top-k /
+   entries). Results: OUT/results.json, OUT/results.md (the table), OUT/curves.png.
+
+`--quick` (bench suite): fewer documents, steps and prompts; it checks that accuracy rises above
+the SWA twin's, not the full targets.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import niah, run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RECIPE = os.path.join(ROOT, "configs", "recipes", "retrieval.toml")
+TRAIN_TASKS = ("passkey", "niah_single_repeat", "niah_single_essay", "niah_multikey")
+MIX = {"passkey": 0.25, "niah_single_repeat": 0.2, "niah_single_essay": 0.2, "niah_multikey": 0.2, "text": 0.15}
+EVAL_TASKS = TRAIN_TASKS
+TRAIN_SEED = 10_000  # the evaluation grid uses seed 0: no training prompt is an evaluation prompt
+
+
+def training_documents(n: int, seq_len: int, seed: int = TRAIN_SEED) -> list[str]:
+    """n texts of seq_len - 2 bytes each (ASCII; with BOS and EOS one packed row of seq_len tokens)."""
+    from ..data import ByteTokenizer
+
+    tok, rng = ByteTokenizer(), np.random.default_rng(seed)
+    pieces, sentences = niah._Pieces(tok), niah.local_sentences()
+    sentences = [s for s in sentences if s.isascii()]
+    kinds, weights = list(MIX), np.array(list(MIX.values()))
+    size = seq_len - 2
+    out = []
+    for _ in range(n):
+        kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+        if kind == "text":
+            text = ""
+            while len(text) < size:
+                text += sentences[rng.integers(len(sentences))]
+            out.append(text[1: size + 1])
+            continue
+        answer_len = len(" " + "0" * (5 if kind == "passkey" else 7) + ".")
+        s = niah.make_sample(kind, size + 1 - answer_len, float(rng.uniform()), rng, pieces, sentences, tok.bos_id)
+        text = tok.decode(s.ids[1:]) + " " + s.values[0] + "."
+        assert len(text) == size, (kind, len(text))
+        out.append(text)
+    return out
+
+
+def write_jsonl(path: str, docs: list[str]) -> None:
+    from ..rundir import write_atomic
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+
+def twin_config(src: str, dst: str) -> str:
+    """The model config with every layer SWA-only (compress_ratios all 0), written to dst."""
+    with open(src) as f:
+        cfg = json.load(f)
+    cfg["compress_ratios"] = [0] * len(cfg["compress_ratios"])
+    with open(dst, "w") as f:
+        json.dump(cfg, f, indent=1)
+    return dst
+
+
+def train(out: str, config: str, data: str, steps: int, phases: str, overrides: list[str], log=print) -> dict:
+    from ..trainer import RunConfig, Trainer
+
+    rc = RunConfig.load(RECIPE, overrides, out=out, config=config, data=data, steps=steps, phases=phases)
+    t0 = time.time()
+    res = Trainer(rc).run(log=log, bar=False)
+    return {"seconds": time.time() - t0, "final_loss": res.get("loss") if isinstance(res, dict) else None}
+
+
+def evaluate(run_dir: str, length: int, samples: int, diagnose: bool, log=print, **runtime) -> dict:
+    """Exact match per task (and indexer recall per CSA layer) of the run's latest checkpoint."""
+    import v4jax
+
+    m = v4jax.load(run_dir, max_context=length + 64, **runtime)
+    grid = niah.build_grid(m.tokenizer, m.config.bos_token_id, EVAL_TASKS, [length], niah.DEPTHS, samples, seed=0)
+    eng = m.engine(8)
+    t0 = time.time()
+    replies = run.niah_replies(eng, m.tokenizer, grid)
+    scores = [niah.score(s, r) for s, r in zip(grid, replies)]
+    out = {"accuracy": {t: float(np.mean([sc for s, sc in zip(grid, scores) if s.task == t])) for t in EVAL_TASKS},
+           "eval_seconds": time.time() - t0, "prompts": len(grid)}
+    out["accuracy"]["mean"] = float(np.mean(scores))
+    if diagnose and run.csa_layers(m.config):
+        rec = run.indexer_recalls(eng, grid)
+        layers = sorted(rec[0])
+        out["indexer_recall"] = {str(k): float(np.mean([r[k] for r in rec])) for k in layers}
+        c = m.config
+        out["indexer_chance"] = min(1.0, c.index_topk / (length // 4))
+    log(f"{run_dir} ({runtime or 'sparse'}): " + ", ".join(f"{k} {v:.3f}" for k, v in out["accuracy"].items()))
+    return out
+
+
+def curves(runs: dict, path: str) -> None:
+    """Training loss of every run (metrics.jsonl) in one PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..rundir import read_metrics
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, d in runs.items():
+        recs = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "loss" in r]
+        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table(res: dict) -> str:
+    rows = [("V4 (CSA/HCA, sparse top-k)", res["v4"]), ("V4, dense CSA at evaluation", res["v4_dense"]),
+            ("SWA-only twin", res["swa"])]
+    head = "| model | " + " | ".join(EVAL_TASKS) + " | mean |"
+    lines = [head, "|" + "---|" * (len(EVAL_TASKS) + 2)]
+    for name, r in rows:
+        acc = r["accuracy"]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in EVAL_TASKS) + f" | {100 * acc['mean']:.1f} |")
+    rec = res["v4"].get("indexer_recall")
+    if rec:
+        lines.append("")
+        lines.append("Indexer recall of the needle's entries (top-k at the question's last token): " +
+                     ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in rec.items()) +
+                     f" (chance {100 * res['v4']['indexer_chance']:.1f}%)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m v4jax.evaluation.recipe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/retrieval", help="directory of the data, both runs and the results")
+    p.add_argument("--quick", action="store_true", help="a few-minute variant (bench suite): fewer docs and steps")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: 600; quick 40)")
+    p.add_argument("--docs", type=int, default=None, help="training documents (default: 6000; quick 400)")
+    p.add_argument("--eval-samples", type=int, default=None, dest="samples",
+                   help="prompts per (task, depth) cell (default: 8; quick 2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run setting for both runs")
+    args = p.parse_args(argv)
+    steps = args.steps or (40 if args.quick else 600)
+    docs = args.docs or (400 if args.quick else 6000)
+    samples = args.samples or (2 if args.quick else 8)
+    from ..trainer import RunConfig
+
+    rc = RunConfig.load(RECIPE, args.set)
+    if not os.path.exists(rc.config):  # the recipe's own config, from any working directory
+        rc = dataclasses.replace(rc, config=os.path.join(ROOT, rc.config))
+    seq_len = rc.seq_len
+    data = os.path.join(args.out, "data", "train.jsonl")
+    t0 = time.time()
+    if not os.path.exists(data):
+        write_jsonl(data, training_documents(docs, seq_len))
+    d1, d2 = int(steps * 0.3), int(steps * 0.45)
+    runs = {"v4": os.path.join(args.out, "v4"), "swa": os.path.join(args.out, "swa")}
+    os.makedirs(args.out, exist_ok=True)
+    twin = twin_config(rc.config, os.path.join(args.out, "swa-model.json"))
+    timing = {"v4": train(runs["v4"], rc.config, data, steps, f"dense:{d1},indexer_warmup:{d2},sparse", args.set),
+              "swa": train(runs["swa"], twin, data, steps, "", args.set)}
+    res = {"seq_len": seq_len, "window": 32, "steps": steps, "docs": docs, "samples_per_cell": samples,
+           "train": timing,
+           "v4": evaluate(runs["v4"], seq_len, samples, diagnose=True),
+           "v4_dense": evaluate(runs["v4"], seq_len, samples, diagnose=False, csa_mode="dense"),
+           "swa": evaluate(runs["swa"], seq_len, samples, diagnose=False)}
+    res["wall_seconds"] = time.time() - t0
+    from ..rundir import write_atomic
+
+    write_atomic(os.path.join(args.out, "results.json"), json.dumps(res, indent=1) + "\n")
+    md = table(res)
+    write_atomic(os.path.join(args.out, "results.md"), md + "\n")
+    try:
+        curves(runs, os.path.join(args.out, "curves.png"))
+    except ImportError:
+        print("no curves: matplotlib is not installed", file=sys.stderr)
+    print(md)
+    print(f"wall time {res['wall_seconds'] / 60:.1f} min; results in {args.out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
