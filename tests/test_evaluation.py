@@ -276,3 +276,52 @@ def test_lm_eval_model_name_is_registered_and_arguments_checked():
         V4JaxLM(checkpoint=fixture_dir("tiny-a-bf16"), mode="think")
     with pytest.raises(ValueError, match="batch_size must be an integer, got 'x'"):
         V4JaxLM(checkpoint=fixture_dir("tiny-a-bf16"), batch_size="x")
+
+
+# ------------------------------------------------------------------ the retrieval recipe's data
+def test_recipe_documents_fill_one_row_each_and_answer_their_question():
+    from v4jax.evaluation import recipe
+
+    docs = recipe.training_documents(60, 512, seed=3)
+    assert docs == recipe.training_documents(60, 512, seed=3)
+    assert {len(d) for d in docs} == {510} and all(d.isascii() for d in docs)  # BOS + 510 bytes + EOS = 512
+    kinds = {"passkey": 0, "magic": 0, "text": 0}
+    for d in docs:
+        if "Question:" not in d:
+            kinds["text"] += 1
+            continue
+        asked = re.search(r"Question: what is the (pass key|special magic number for ([a-z]+-[a-z]+))\?", d)
+        answer = re.search(r"is (\d+)\.$", d).group(1)
+        if asked.group(1) == "pass key":
+            kinds["passkey"] += 1
+            assert re.search(r"The pass key is (\d+)\. Keep", d).group(1) == answer
+        else:
+            kinds["magic"] += 1
+            assert answer in re.findall(rf"number for {asked.group(2)} is (\d+)\.", d[: d.index("Question:")])
+    assert all(n >= 5 for n in kinds.values()), kinds
+    # the evaluation grid (seed 0) shares no prompt with the training documents
+    g = niah.build_grid(TOK, 0, ("passkey",), [512 - 1 - 7], [0.5], 20, seed=0)
+    assert not {TOK.decode(s.ids[1:]) for s in g} & {d[:-7] for d in docs}
+
+
+def test_recipe_smoke_trains_both_models_and_writes_the_table(tmp_path):
+    """CI's short smoke of the recipe (3 steps, one per phase; a 256-token context): every stage runs
+    and the results are written; the accuracy targets are bench/retrieval.py's (python -m bench retrieval)."""
+    from v4jax.evaluation import recipe
+
+    res = recipe.run_recipe(str(tmp_path), steps=3, docs=16, samples=1, overrides=["batch=2", "seq_len=256"])
+    assert res["phases"] == "dense:1,indexer_warmup:2,sparse" and res["seq_len"] == 256
+    for k in ("v4", "v4_dense", "swa"):
+        acc = res[k]["accuracy"]
+        assert set(acc) == set(recipe.EVAL_TASKS) | {"mean"} and all(0 <= v <= 1 for v in acc.values())
+        assert res[k]["prompts"] == len(recipe.EVAL_TASKS) * len(niah.DEPTHS)
+    assert set(res["v4"]["indexer_recall"]) == {"0", "2", "3"} and res["v4"]["indexer_chance"] == 16 / 64
+    assert "indexer_recall" not in res["swa"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["v4"]["accuracy"] == res["v4"]["accuracy"]
+    assert (tmp_path / "results.md").read_text().startswith("| model | passkey |")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    metrics = [json.loads(x) for x in (tmp_path / "v4" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if "loss" in r] == [1, 2, 3]
+    with pytest.raises(ValueError, match="--steps must be >= 3"):
+        recipe.run_recipe(str(tmp_path / "x"), steps=2)

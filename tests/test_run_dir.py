@@ -168,6 +168,18 @@ def test_a_run_that_keeps_diverging_stops(tmp_path):
             b.spend(t, 9.0, tr.rc)
 
 
+def test_a_new_phase_moves_the_loss_without_a_rollback(tmp_path):
+    """The dense -> sparse switch of the recipe raises the loss on purpose (seen in the retrieval recipe:
+    0.23 -> 0.6 at the first sparse step, rolled back twice): the detector starts afresh at a phase or
+    sequence-length stage boundary. The same losses inside one phase are a spike."""
+    losses = [1.0] * 5 + [3.0] * 5
+    for phases, spikes in (("dense:5,sparse", 0), ("", 1)):
+        tr = _fake_trainer(tmp_path / (phases or "one"), losses + [3.0] * 60, steps=10, warmup=1, phases=phases)
+        tr.run(log=lambda s: None)
+        events = [json.loads(ln) for ln in open(os.path.join(tr.rc.out, "metrics.jsonl")) if '"event"' in ln]
+        assert len([e for e in events if e["event"] == "loss_spike"]) >= spikes and (spikes or not events), events
+
+
 def test_eta_waits_for_timed_steps_and_the_lock_is_taken(tmp_path):
     tr = _fake_trainer(tmp_path, [5.0] * 5, steps=5, warmup=1, log_every=1, spike_detect=False)
     with rundir.RunLock(tr.rc.out):

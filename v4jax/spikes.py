@@ -26,6 +26,11 @@ class SpikeDetector:
         full = len(self.recent) >= 3
         return full and loss > self.factor * float(np.mean(self.recent))
 
+    def rebase(self):
+        """Forget the recent losses: a new recipe phase or sequence-length stage moves the loss's level
+        on purpose (dense -> sparse CSA, a longer context); its first steps are not spikes of the old one."""
+        self.recent = []
+
     def observe(self, loss: float):
         self.recent = (self.recent + [loss])[-self.window:]
         self.ar_left = max(0, self.ar_left - 1)

@@ -384,10 +384,14 @@ class Trainer:
         budget = RollbackBudget()
         trace = Trace(rc.profile_steps, os.path.join(rc.out, "profile"), progress.note)
         last, step = {}, start
+        regime = (self.phase_at(start), self.seq_len_at(start))
         while step < rc.steps:
             trace.before(step + 1)
             ar = self.detector.ar_left > 0
             phase, seq_len = self.phase_at(step), self.seq_len_at(step)
+            if (phase, seq_len) != regime:  # the loss level moves on purpose: no spike against the old one
+                regime = (phase, seq_len)
+                self.detector.rebase()
             t0 = time.time()
             batch = self._batch(seq_len)
             with jax.set_mesh(self.mesh):  # lets the MoE pick the expert-parallel dispatch (moe.ep_layout)

@@ -35,17 +35,18 @@ def add_parser(add, common) -> None:
     p.add_argument("--data", default=None, help="ppl: documents: .txt / .jsonl / .parquet file or a directory of them")
     p.add_argument("--max-tokens", type=int, default=None, dest="max_tokens",
                    help="ppl: stop taking documents after this many scored tokens (default: all)")
-    n.add_argument("--niah-tasks", default=",".join(_niah().TASKS), dest="niah_tasks", help="niah: comma-separated tasks (also: passkey)")
+    n.add_argument("--niah-tasks", default=",".join(_niah().TASKS), dest="niah_tasks",
+                   help="niah: comma-separated tasks (also: passkey)")
     n.add_argument("--lengths", default=None,
-                   help="niah: comma-separated context lengths in tokens (default: 1024, 2048, ... up to max_position_embeddings"
-                        f" - {ANSWER_ROOM}, at most 8 of them, the largest ones)")
+                   help="niah: comma-separated context lengths in tokens (default: 1024, 2048, ... up to "
+                        f"max_position_embeddings - {ANSWER_ROOM}, at most 8 of them, the largest ones)")
     n.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="niah: comma-separated needle depths in [0, 1]")
     n.add_argument("--samples", type=int, default=2, help="niah: prompts per (task, length, depth) cell")
     n.add_argument("--seed", type=int, default=0, help="niah: the grid's seed (same seed, same prompts)")
     n.add_argument("--haystack", default=None, help="niah: prose for the essay filler (default: the Python standard "
                    "library's module docstrings)")
-    n.add_argument("--mode", default="raw", help="niah: raw (a base model's prompt) or a chat mode: chat | think-high | "
-                   "think-max (the prompt is one user message)")
+    n.add_argument("--mode", default="raw", help="niah: raw (a base model's prompt) or a chat mode: chat | "
+                   "think-high | think-max (the prompt is one user message)")
     n.add_argument("--diagnose-indexer", action="store_true", dest="diagnose_indexer",
                    help="niah: per CSA layer, does the indexer's top-k at the question hold the needle's entries")
     n.add_argument("--heatmap", default=None, help="niah: PNG of the grid (default: --out with .png)")

@@ -67,7 +67,7 @@ def local_sentences(path: str | None = None, limit: int = 6000) -> list[str]:
     out = []
     for text in texts:
         for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-            if 30 <= len(s) <= 300 and s[0].isupper() and s[-1] in ".!?" and not re.search(r"[>{}\[\]|=_`#\\]|\d{3}", s):
+            if 30 <= len(s) <= 300 and s[0].isupper() and s[-1] in ".!?" and not _CODEISH.search(s):
                 out.append(" " + s)
                 if len(out) >= limit:
                     return out
@@ -93,6 +93,9 @@ def _stdlib_docstrings():
 
 
 _DOCSTRING = re.compile(r'(?:\s|#[^\n]*\n)*[rRuU]?("""|\'\'\')(.*?)\1', re.S)  # a module's leading docstring
+
+
+_CODEISH = re.compile(r"[>{}\[\]|=_`#\\]|\d{3}")  # code, markup or numbers (they would mimic a needle)
 
 
 class _Pieces:

@@ -144,7 +144,8 @@ def table(res: dict) -> str:
     lines = [head, "|" + "---|" * (len(EVAL_TASKS) + 2)]
     for name, r in rows:
         acc = r["accuracy"]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in EVAL_TASKS) + f" | {100 * acc['mean']:.1f} |")
+        cells = [f"{100 * acc[t]:.1f}" for t in EVAL_TASKS] + [f"{100 * acc['mean']:.1f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rec = res["v4"].get("indexer_recall")
     if rec:
         lines.append("")
@@ -152,6 +153,47 @@ def table(res: dict) -> str:
                      ", ".join(f"layer {k} {100 * v:.1f}%" for k, v in rec.items()) +
                      f" (chance {100 * res['v4']['indexer_chance']:.1f}%)")
     return "\n".join(lines)
+
+
+def run_recipe(out: str, quick: bool = False, steps: int | None = None, docs: int | None = None,
+               samples: int | None = None, overrides=(), log=print) -> dict:
+    """Data, both trainings and the three evaluations (module docstring) -> the results dict (also in
+    OUT/results.json, OUT/results.md, OUT/curves.png). Existing runs in OUT are resumed."""
+    from ..rundir import write_atomic
+    from ..trainer import RunConfig
+
+    steps = steps or (40 if quick else 600)
+    docs = docs or (400 if quick else 6000)
+    samples = samples or (2 if quick else 8)
+    overrides = list(overrides)
+    rc = RunConfig.load(RECIPE, overrides)
+    if not os.path.exists(rc.config):  # the recipe's own config, from any working directory
+        rc = dataclasses.replace(rc, config=os.path.join(ROOT, rc.config))
+    seq_len = rc.seq_len
+    if steps < 3:
+        raise ValueError(f"--steps must be >= 3 (one per sparse-attention phase), got {steps}")
+    data = os.path.join(out, "data", "train.jsonl")
+    t0 = time.time()
+    if not os.path.exists(data):
+        write_jsonl(data, training_documents(docs, seq_len))
+    d1, d2 = max(1, int(steps * 0.3)), max(2, int(steps * 0.45))
+    runs = {"v4": os.path.join(out, "v4"), "swa": os.path.join(out, "swa")}
+    twin = twin_config(rc.config, os.path.join(out, "swa-model.json"))
+    timing = {"v4": train(runs["v4"], rc.config, data, steps, f"dense:{d1},indexer_warmup:{d2},sparse", overrides, log),
+              "swa": train(runs["swa"], twin, data, steps, "", overrides, log)}
+    res = {"seq_len": seq_len, "window": 32, "steps": steps, "phases": f"dense:{d1},indexer_warmup:{d2},sparse",
+           "docs": docs, "samples_per_cell": samples, "train": timing,
+           "v4": evaluate(runs["v4"], seq_len, samples, diagnose=True, log=log),
+           "v4_dense": evaluate(runs["v4"], seq_len, samples, diagnose=False, log=log, csa_mode="dense"),
+           "swa": evaluate(runs["swa"], seq_len, samples, diagnose=False, log=log)}
+    res["wall_seconds"] = time.time() - t0
+    write_atomic(os.path.join(out, "results.json"), json.dumps(res, indent=1) + "\n")
+    write_atomic(os.path.join(out, "results.md"), table(res) + "\n")
+    try:
+        curves(runs, os.path.join(out, "curves.png"))
+    except ImportError:
+        log("no curves: matplotlib is not installed")
+    return res
 
 
 def main(argv=None) -> int:
@@ -164,41 +206,12 @@ def main(argv=None) -> int:
                    help="prompts per (task, depth) cell (default: 8; quick 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run setting for both runs")
     args = p.parse_args(argv)
-    steps = args.steps or (40 if args.quick else 600)
-    docs = args.docs or (400 if args.quick else 6000)
-    samples = args.samples or (2 if args.quick else 8)
-    from ..trainer import RunConfig
-
-    rc = RunConfig.load(RECIPE, args.set)
-    if not os.path.exists(rc.config):  # the recipe's own config, from any working directory
-        rc = dataclasses.replace(rc, config=os.path.join(ROOT, rc.config))
-    seq_len = rc.seq_len
-    data = os.path.join(args.out, "data", "train.jsonl")
-    t0 = time.time()
-    if not os.path.exists(data):
-        write_jsonl(data, training_documents(docs, seq_len))
-    d1, d2 = int(steps * 0.3), int(steps * 0.45)
-    runs = {"v4": os.path.join(args.out, "v4"), "swa": os.path.join(args.out, "swa")}
-    os.makedirs(args.out, exist_ok=True)
-    twin = twin_config(rc.config, os.path.join(args.out, "swa-model.json"))
-    timing = {"v4": train(runs["v4"], rc.config, data, steps, f"dense:{d1},indexer_warmup:{d2},sparse", args.set),
-              "swa": train(runs["swa"], twin, data, steps, "", args.set)}
-    res = {"seq_len": seq_len, "window": 32, "steps": steps, "docs": docs, "samples_per_cell": samples,
-           "train": timing,
-           "v4": evaluate(runs["v4"], seq_len, samples, diagnose=True),
-           "v4_dense": evaluate(runs["v4"], seq_len, samples, diagnose=False, csa_mode="dense"),
-           "swa": evaluate(runs["swa"], seq_len, samples, diagnose=False)}
-    res["wall_seconds"] = time.time() - t0
-    from ..rundir import write_atomic
-
-    write_atomic(os.path.join(args.out, "results.json"), json.dumps(res, indent=1) + "\n")
-    md = table(res)
-    write_atomic(os.path.join(args.out, "results.md"), md + "\n")
     try:
-        curves(runs, os.path.join(args.out, "curves.png"))
-    except ImportError:
-        print("no curves: matplotlib is not installed", file=sys.stderr)
-    print(md)
+        res = run_recipe(args.out, args.quick, args.steps, args.docs, args.samples, args.set)
+    except ValueError as e:  # ConfigError, DataError included: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(res))
     print(f"wall time {res['wall_seconds'] / 60:.1f} min; results in {args.out}/results.json")
     return 0
 
