@@ -275,15 +275,17 @@ def heatmap(summary: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(summary)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1, 3.2), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks) + 1.2, 3.4), squeeze=False,
+                             constrained_layout=True)
+    for i, (ax, task) in enumerate(zip(axes[0], tasks)):
         c = summary[task]
         a = np.array([[np.nan if v is None else v for v in row] for row in c["accuracy"]], float)
         im = ax.imshow(a, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(c["lengths"])), [_k(L) for L in c["lengths"]])
         ax.set_yticks(range(len(c["depths"])), [f"{d:.2f}" for d in c["depths"]])
         ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("needle depth")
+        if i == 0:
+            ax.set_ylabel("needle depth")
         ax.set_title(f"{task}\nmean {c['mean']:.2f}", fontsize=9)
         for (r, k), v in np.ndenumerate(a):
             if np.isfinite(v):
