@@ -115,7 +115,9 @@ def evaluate(run_dir: str, length: int, samples: int, diagnose: bool, log=print,
 
 
 def curves(runs: dict, path: str) -> None:
-    """Training loss of every run (metrics.jsonl) in one PNG."""
+    """Training cross-entropy of every run (metrics.jsonl: "ce", the loss without the indexer's KL and
+    the MTP / balance terms; during the indexer warm-up the optimised loss is the KL alone), raw and as
+    a 20-step moving average, in one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -123,11 +125,17 @@ def curves(runs: dict, path: str) -> None:
     from ..rundir import read_metrics
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, d in runs.items():
-        recs = [r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "loss" in r]
-        ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name, lw=1)
+    for (name, d), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+        last = {r["step"]: r for r in read_metrics(os.path.join(d, "metrics.jsonl")) if "loss" in r}
+        recs = [last[k] for k in sorted(last)]  # a rolled-back step's record is replaced by its rerun's
+        steps = np.array([r["step"] for r in recs])
+        ce = np.array([r.get("ce", r["loss"]) for r in recs])
+        ax.plot(steps, ce, color=color, lw=0.5, alpha=0.35)
+        k = min(20, len(ce))
+        if k:
+            ax.plot(steps[k - 1:], np.convolve(ce, np.ones(k) / k, mode="valid"), color=color, lw=1.5, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training cross-entropy")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
