@@ -53,7 +53,7 @@ def training_documents(n: int, seq_len: int, seed: int = TRAIN_SEED) -> list[str
         kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
         if kind == "text":
             text = ""
-            while len(text) < size:
+            while len(text) < size + 1:  # every sentence starts with a space: the first is cut off
                 text += sentences[rng.integers(len(sentences))]
             out.append(text[1: size + 1])
             continue
