@@ -329,6 +329,11 @@ class Engine:
         b = max(self.min_bucket, 1 << max(0, int(end) - 1).bit_length())
         return min(b, self.max_context)
 
+    def chunk_len(self, n: int, chunk: int) -> int:
+        """The compiled length of a chunk holding n new tokens: the chunk, or a shorter last one padded to
+        a power of two (at least 16; the chunk itself when `fixed_chunk`), so few shapes are compiled."""
+        return chunk if n == chunk or self.fixed_chunk else min(chunk, max(16, 1 << (n - 1).bit_length()))
+
     def _check_room(self, extra):
         over = self.pos + np.asarray(extra) > self.max_context
         if np.any(over):
@@ -369,7 +374,7 @@ class Engine:
                         delay=0 if progress else 2, disable=None if progress is None else not progress)
         while done < lens.max(initial=0):
             n = min(chunk, int(lens.max()) - done)
-            t = chunk if n == chunk or self.fixed_chunk else min(chunk, max(16, 1 << (n - 1).bit_length()))
+            t = self.chunk_len(n, chunk)
             ids = np.zeros((self.batch, t), np.int32)
             valid = np.clip(lens - done, 0, n)
             for b, r in enumerate(rows):

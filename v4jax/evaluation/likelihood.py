@@ -50,13 +50,6 @@ def _logprob_fn(graphdef, ptree, ratios, bucket: int, with_picks: bool):
     return jax.jit(run, donate_argnums=(5, 6))
 
 
-def _chunk_len(engine, n: int, chunk: int) -> int:
-    """The compiled chunk length for n new tokens (as Engine.prefill pads: few shapes)."""
-    if n == chunk or engine.fixed_chunk:
-        return chunk
-    return min(chunk, max(16, 1 << (n - 1).bit_length()))
-
-
 def score_rows(engine, seqs: Sequence, pick_at=None, chunk: int | None = None, on_tokens=None) -> list[dict]:
     """Score up to `engine.batch` sequences from an empty state (the engine is reset first).
 
@@ -87,7 +80,7 @@ def score_rows(engine, seqs: Sequence, pick_at=None, chunk: int | None = None, o
     done = 0
     while done < lens.max():
         n = min(chunk, int(lens.max()) - done)
-        t = _chunk_len(engine, n, chunk)
+        t = engine.chunk_len(n, chunk)
         ids = np.zeros((engine.batch, t), np.int32)
         tgt = np.zeros((engine.batch, t), np.int32)
         valid = np.clip(lens - done, 0, n)

@@ -47,8 +47,7 @@ def evaluate(engine, tokenizer, documents, progress=None, max_tokens: int | None
             continue  # an empty document predicts nothing
         n_docs += 1
         n_bytes += len(text.encode("utf-8"))
-        for off, w in likelihood.windows(toks, engine.max_context):
-            seqs.append(w)
+        seqs += [w for _, w in likelihood.windows(toks, engine.max_context)]
         taken += toks.size - 1
     if not seqs:
         raise ValueError("no document with any text to score")
