@@ -13,6 +13,10 @@
                         libtpu, no TPU): per-device memory against HBM, fits, compile seconds (JSON)
   python infer.py eval --checkpoint DIR --task ppl --data FILE|DIR | --task niah [--lengths 1024,4096]
                         [--depths ...] [--diagnose-indexer] [--out RESULT.json]   (v4jax/evaluation/cli.py)
+  python infer.py serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--slots 8] [--max-context 4096]
+                        [--kv-dtype fp8|bfloat16] [--mesh ...] [--prefix-cache-mb 1024] [--chunk 256]
+                        an OpenAI-compatible server: /v1/chat/completions, /v1/completions,
+                        /v1/quick_instruction, /v1/models, /health, /metrics (v4jax/server)
   python infer.py render --messages MESSAGES.json [--tools TOOLS.json] [--mode ...] [--prompt-texts FILE]
   python infer.py score --checkpoint DIR --tokens TOKENS.npy --out OUT.npz [--prefill N]
                         [--dtype float32|bfloat16] [--qat-sim] [--mesh data=2,tensor=2] [--weights native|bf16]
@@ -100,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from v4jax.evaluation import cli as eval_cli
     eval_cli.add_parser(add, _model_options)
+    from v4jax.server import cli as serve_cli
+    serve_cli.add_parser(add, _model_options)
 
     r = add("render", "print the prompt text of a conversation")
     r.add_argument("--messages", required=True, help="JSON list of messages (or an object {messages, tools})")
@@ -162,6 +168,12 @@ def cmd_eval(args) -> int:
         return m
 
     return eval_cli.run(args, load)
+
+
+def cmd_serve(args) -> int:
+    from v4jax.server import cli as serve_cli
+
+    return serve_cli.run(args, load_model)
 
 
 def cmd_score(args) -> int:
@@ -421,7 +433,8 @@ def main(argv=None) -> int:
 
     try:
         return {"score": cmd_score, "generate": cmd_generate, "chat": cmd_chat, "kv-report": cmd_kv_report,
-                "render": cmd_render, "compile": cmd_compile, "eval": cmd_eval}[args.cmd](args)
+                "render": cmd_render, "compile": cmd_compile, "eval": cmd_eval,
+                "serve": cmd_serve}[args.cmd](args)
     except (AOTError, CheckpointError, ConfigError, ValueError, OSError) as e:  # OSError: names its file
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ import time
 from .timing import environment
 
 BENCHES = {"kv_bytes": "P1", "decode_attention": "P2", "moe": "P4", "prefill_attention": "P3", "mhc": "P6", "e2e_decode": "P7", "muon": "P5", "train_mfu": "G1", "gpu_decode": "G2",
-           "tpu_compile": "T1", "load_checkpoint": "L1", "retrieval": "R1"}
+           "tpu_compile": "T1", "load_checkpoint": "L1", "retrieval": "R1", "serve": "S1"}
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         r = mod.run(quick=a.quick)
         r["wall_s"] = time.perf_counter() - t1
         results[n] = r
-        lines += [ln for ln in r["lines"] if ln.startswith(("P", "G", "T", "L", "R"))]  # "G1 SKIP ..." passes
+        lines += [ln for ln in r["lines"] if ln.startswith(("P", "G", "T", "L", "R", "S"))]  # "G1 SKIP ..." passes
         print(f"# {n}: {r['wall_s']:.1f} s\n")
     wall = time.perf_counter() - t0
     print("# summary" + (f" (total {wall:.1f} s)" if len(names) > 1 else ""))

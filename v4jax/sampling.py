@@ -45,23 +45,29 @@ class SamplingConfig:
 
 
 def sample(logits_bv, key, temperature, top_k, top_p, vocab_limit=0):
-    """-> token ids [B] int32."""
+    """-> token ids [B] int32. The knobs are scalars (one setting for every row) or [B] (one per row,
+    the server's slots); `key` is one key, or [B] keys (each row draws with its own)."""
     logits = logits_bv.astype(jnp.float32)
-    ids = jnp.arange(logits.shape[-1])
+    b, v = logits.shape
+    row = lambda x: jnp.broadcast_to(jnp.asarray(x), (b,))[:, None]  # noqa: E731  scalar or [B] -> [B, 1]
+    temperature, top_k, top_p = row(temperature), row(top_k), row(top_p)
+    ids = jnp.arange(v)
     logits = jnp.where((vocab_limit <= 0) | (ids < vocab_limit), logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     sorted_desc = -jnp.sort(-scaled, axis=-1)  # [B, V]
-    v = scaled.shape[-1]
-    kth = jnp.take(sorted_desc, jnp.clip(top_k - 1, 0, v - 1), axis=-1)[:, None]
+    kth = jnp.take_along_axis(sorted_desc, jnp.clip(top_k - 1, 0, v - 1), axis=-1)
     thresh_k = jnp.where(top_k > 0, kth, -jnp.inf)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
     kept = jnp.where(before < top_p, sorted_desc, jnp.inf)
     thresh_p = jnp.min(kept, axis=-1, keepdims=True)
     cut = jnp.where(scaled >= jnp.maximum(thresh_k, thresh_p), scaled, -jnp.inf)
-    drawn = jax.random.categorical(key, cut, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    if key.shape:  # one key per row
+        drawn = jax.vmap(lambda k, c: jax.random.categorical(k, c))(key, cut)
+    else:
+        drawn = jax.random.categorical(key, cut, axis=-1)
+    return jnp.where(temperature[:, 0] > 0, drawn.astype(jnp.int32), greedy)
 
 
 def find_stop(text: str, stop_strings) -> int | None:
