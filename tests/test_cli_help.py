@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import infer  # noqa: E402
 
-COMMANDS = ("score", "generate", "chat", "kv-report", "compile", "render", "eval")
+COMMANDS = ("score", "generate", "chat", "kv-report", "compile", "render", "eval", "serve")
 
 
 def _help(capsys, *argv) -> str:

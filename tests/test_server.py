@@ -221,7 +221,8 @@ def test_prefix_cache_hit_gives_the_cold_reply(client, reference):
     r1 = client.chat.completions.create(model="tiny", messages=a, max_tokens=10, temperature=0)
     r2 = client.chat.completions.create(model="tiny", messages=b, max_tokens=10, temperature=0)
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
-    assert r2.usage.prompt_tokens_details.cached_tokens == 256  # the shared system prompt's aligned prefix
+    sys_end = len(TOK.encode(chat.render([system], add_generation_prompt=False)))
+    assert r2.usage.prompt_tokens_details.cached_tokens == sys_end  # the shared system prompt, kept by r1
     assert r2.choices[0].message.content == reference(b, 10)[0]
     r3 = client.chat.completions.create(model="tiny", messages=a, max_tokens=10, temperature=0)
     user_turn = len(TOK.encode(chat.render(a, add_generation_prompt=False)))  # a branch point r1 kept
@@ -381,3 +382,25 @@ def test_infer_serve_answers_openai_and_drains_on_sigterm(tmp_path):
             proc.kill()
         log.close()
     assert "ready in" in (tmp_path / "serve.log").read_text()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--slots", "0"], "--slots must be >= 1"),
+    (["--chunk", "8"], "--chunk must be >= 16"),
+    (["--mode", "fast"], "unknown mode 'fast'"),
+    (["--port", "70000"], "--port must be in 0..65535"),
+    (["--prefix-cache-mb", "-1"], "--prefix-cache-mb must be >= 0"),
+])
+def test_serve_refuses_bad_options_in_one_line(argv, needle, capsys):
+    import infer
+
+    assert infer.main(["serve", "--checkpoint", fixture_dir(V), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+
+
+def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):
+    import infer
+
+    assert infer.main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err

@@ -157,10 +157,14 @@ def _check_model(svc: Service, body: dict) -> str:
 
 
 def branch_points(svc: Service, msgs, tools, mode, ids) -> tuple[int, ...]:
-    """Prompt lengths that quick instructions on this conversation fork from (chat.quick_instruction_prompt):
-    the end of the last user turn, the whole prompt (action) and the first reply's end (title)."""
+    """Prompt lengths whose states the prefix cache keeps besides the aligned ones: the end of the
+    leading system message (shared by every conversation that starts with it), and the points quick
+    instructions on this conversation fork from (chat.quick_instruction_prompt): the end of the last
+    user turn, the whole prompt (action) and the first reply's end (title)."""
     pts = {len(ids)}
     cands = []
+    if msgs[0].get("role") == "system" and len(msgs) > 1:
+        cands.append(chat.render(msgs[:1], tools, mode, svc.texts, add_generation_prompt=False))
     last = max((i for i, m in enumerate(msgs) if m.get("role") in ("user", "developer")), default=None)
     if last is not None:
         cands.append(chat.render(msgs[:last + 1], tools, mode, svc.texts, add_generation_prompt=False))

@@ -11,10 +11,11 @@ callback, called on the scheduler thread with plain dicts:
    "cached_tokens", "completion_tokens"}                 exactly once per admitted request
   {"type": "error", "status": 503|500, "message"}       instead of "done" (shutdown, internal error)
 
-Per step (`_plan`): every decoding slot feeds its last sampled token; prefilling slots, oldest
-first, share a budget of `Slots.chunk` prompt tokens, and a prefill chunk ends at every point whose
-state the prefix cache keeps (the last 128-aligned point of the prompt, the request's branch points)
-so that state can be read off the slot right after the step.
+Per round (`_step`): prefilling slots, oldest first, share a budget of `Slots.chunk` prompt tokens,
+each chunk run for its slot alone (`Slots.prefill_row`: T tokens of compute, not B x T); then one
+mixed step feeds every decoding slot its last sampled token. A prefill chunk ends at every point
+whose state the prefix cache keeps (the prompt's last 128-aligned point, the request's branch
+points), so that state can be read off the slot right after it.
 """
 from __future__ import annotations
 
@@ -82,7 +83,10 @@ class Scheduler:
         self.active: dict[int, Request] = {}
         self.cv = threading.Condition()
         self.draining = self.stopped = False
-        self.counters = collections.Counter()  # requests_<finish>, prompt/cached/generated tokens, steps
+        # every key exists from the start: /metrics copies the dict while this thread updates it
+        self.counters = collections.Counter({k: 0 for k in (
+            "requests_stop", "requests_length", "requests_cancelled", "requests_error", "prompt_tokens",
+            "cached_tokens", "generated_tokens", "steps", "peak_slots_in_use")})
         self._recent: collections.deque = collections.deque()  # (time, tokens) of the last 10 s
         self._thread: threading.Thread | None = None
 
@@ -137,7 +141,7 @@ class Scheduler:
             waiting = len(self.waiting)
         kv = sum(self.kv_fixed + self.kv_per_token * int(self.slots.pos[r.slot]) for r in active)
         return {"queue": waiting, "slots_in_use": len(active), "slots": self.slots.batch, "kv_bytes_in_use": int(kv),
-                "tokens_per_s": recent / 10.0, **self.counters}
+                "tokens_per_s": recent / 10.0, **dict(self.counters)}
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -203,42 +207,39 @@ class Scheduler:
         self.counters["prompt_tokens"] += len(r.prompt)
         self.counters["cached_tokens"] += r.cached
 
-    def _plan(self) -> dict[int, list[int]]:
-        feeds, budget = {}, self.slots.chunk
-        for b, r in self.active.items():
-            if not r.prefilling:
-                feeds[b] = [r.last]
-        for b, r in sorted(self.active.items(), key=lambda kv: kv[1].t_submit):
-            if r.prefilling and budget > 0:
-                stop = min([p for p in r.saves if p > r.fed] + [len(r.prompt)])
-                n = min(budget, stop - r.fed)
-                feeds[b] = r.prompt[r.fed: r.fed + n]
-                budget -= n
-        return feeds
+    def _knobs(self, r: Request) -> tuple:
+        sp = r.sampling
+        return sp.seed & 0xFFFFFFFF, r.count, sp.temperature, sp.top_k, sp.top_p
 
     def _step(self) -> None:
-        feeds = self._plan()
-        knobs = {}
-        for b in feeds:
-            sp = self.active[b].sampling
-            knobs[b] = (sp.seed & 0xFFFFFFFF, self.active[b].count, sp.temperature, sp.top_k, sp.top_p)
-        nxt = self.slots.step(feeds, knobs, self.vocab_limit)
-        self.counters["steps"] += 1
+        """One round: prompt chunks of the prefilling slots (oldest first, `Slots.chunk` tokens in all,
+        each slot alone), then one decode step of every decoding slot."""
         done = np.zeros(self.slots.batch, bool)
-        for b, toks in feeds.items():
-            r = self.active[b]
-            if r.prefilling:
-                r.fed += len(toks)
-                if r.fed in r.saves:
-                    self.cache.put(r.prompt[: r.fed], self.slots.read(b))
-                if r.prefilling:
-                    continue
+        budget = self.slots.chunk
+        for b, r in sorted(self.active.items(), key=lambda kv: kv[1].t_submit):
+            if not r.prefilling or budget <= 0:
+                continue
+            stop = min([p for p in r.saves if p > r.fed] + [len(r.prompt)])
+            n = min(budget, stop - r.fed)
+            nxt = self.slots.prefill_row(b, r.prompt[r.fed: r.fed + n], self._knobs(r), self.vocab_limit)
+            self.counters["steps"] += 1
+            budget -= n
+            r.fed += n
+            if r.fed in r.saves:
+                self.cache.put(r.prompt[: r.fed], self.slots.read(b))
+            if not r.prefilling:
                 r.t_first = time.perf_counter()
-            elif r.store and self.cache is not None and self.slots.pos[b] % PREFIX_ALIGN == 0:
-                held = r.prompt + r.row.g.tokens  # what the state holds now: a reply's aligned prefix
-                self.cache.put(held, self.slots.read(b))
-            if self._push(r, int(nxt[b])):
-                done[b] = True
+                done[b] = self._push(r, nxt)
+        feeds = {b: [r.last] for b, r in self.active.items() if not r.prefilling}
+        if feeds:
+            nxt = self.slots.step(feeds, {b: self._knobs(self.active[b]) for b in feeds}, self.vocab_limit)
+            self.counters["steps"] += 1
+            for b in feeds:
+                r = self.active[b]
+                if r.store and self.cache is not None and self.slots.pos[b] % PREFIX_ALIGN == 0:
+                    held = r.prompt + r.row.g.tokens  # what the state holds now: a reply's aligned prefix
+                    self.cache.put(held, self.slots.read(b))
+                done[b] = self._push(r, int(nxt[b]))
         if done.any():
             self.slots.clear(done)
 

@@ -43,6 +43,26 @@ def _mixed_step(graphdef, ptree, bucket: int):
     return run
 
 
+def _row_prefill(graphdef, ptree, bucket: int):
+    """(params, ids [1,T], b, start [1], valid [1], state, pend_h, seed, count, temperature, top_k, top_p,
+    vocab_limit) -> (next, pend_h, state): a prompt chunk of slot b alone (its row is read out of the
+    batched state, run at batch 1 and written back in place), so a prefill costs T tokens, not B x T."""
+    def run(params, ids, b, start, valid, state, pend_h, seed, count, temperature, top_k, top_p, vocab_limit):
+        model = _model(graphdef, ptree, params)
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, b, 0, keepdims=True)  # noqa: E731
+        put = lambda x, r: jax.lax.dynamic_update_index_in_dim(x, r[0].astype(x.dtype), b, 0)  # noqa: E731
+        last = jnp.maximum(valid - 1, 0)
+        out = model(ids, start, {"layers": jax.tree.map(take, state["layers"]), "mtp": None}, valid_b=valid,
+                    logits_at=last, context_limit=bucket)
+        key = jax.random.fold_in(jax.random.key(seed), count)
+        nxt = sample(out["logits"][:, 0], key, temperature, top_k, top_p, vocab_limit)
+        h_last = jnp.take_along_axis(out["streams"], last[:, None, None, None], axis=1)[:, 0]
+        layers = jax.tree.map(put, state["layers"], out["state"]["layers"])
+        return nxt[0], put(pend_h, h_last), {"layers": layers, "mtp": state["mtp"]}
+
+    return run
+
+
 @jax.jit
 def _read_row(state, pend_h, b):
     return jax.tree.map(lambda x: x[b], state), pend_h[b]
@@ -75,7 +95,7 @@ class Slots:
         self._write = jax.jit(_write_row, donate_argnums=(0, 1), out_shardings=sh)
         self._clear = jax.jit(_clear_rows, static_argnums=(4,), donate_argnums=(0, 1), out_shardings=sh)
         self._out_sh = (None, sh[1], sh[0])
-        self._jitted: dict[int, object] = {}  # bucket -> the jitted mixed step
+        self._jitted: dict[tuple, object] = {}  # (kind, bucket) -> (jitted step, its caller)
         row_leaves = jax.tree.leaves(jax.eval_shape(_read_row, e.state, e.pend_h, 0)[0])
         self.row_full_bytes = sum(x.size * x.dtype.itemsize for x in row_leaves)
 
@@ -108,21 +128,40 @@ class Slots:
         e.pos += valid
         return np.asarray(nxt)
 
-    def _fn(self, bucket: int):
-        """The mixed step at `bucket`, its outputs placed like its inputs (the next call hits its cache)."""
-        if bucket not in self._jitted:
+    def _fn(self, bucket: int, kind: str = "mixed"):
+        """The mixed step (or the one-row prefill) at `bucket`, its outputs placed like its inputs (so the
+        next call hits its cache)."""
+        if (kind, bucket) not in self._jitted:
             e = self.engine
-            fn = jax.jit(_mixed_step(e.graphdef, e._ptree, bucket), donate_argnums=(4, 5), out_shardings=self._out_sh)
-            self._jitted[bucket] = (fn, _under_mesh(fn, e.mesh) if e.mesh is not None else fn)
-        return self._jitted[bucket][1]
+            make, donate = (_mixed_step, (4, 5)) if kind == "mixed" else (_row_prefill, (5, 6))
+            fn = jax.jit(make(e.graphdef, e._ptree, bucket), donate_argnums=donate, out_shardings=self._out_sh)
+            self._jitted[kind, bucket] = (fn, _under_mesh(fn, e.mesh) if e.mesh is not None else fn)
+        return self._jitted[kind, bucket][1]
+
+    def prefill_row(self, b: int, tokens, knobs: tuple, vocab_limit: int = 0) -> int:
+        """Feed slot b alone 1 to `chunk` prompt tokens -> the token sampled after the last one."""
+        e = self.engine
+        n = len(tokens)
+        T = e.chunk_len(n, self.chunk)
+        ids = np.zeros((1, T), np.int32)
+        ids[0, :n] = tokens
+        if e.pos[b] + n > self.max_context:
+            raise ValueError(f"slot {b}: {int(e.pos[b])} + {n} tokens exceed the context of {self.max_context}")
+        seed, count, temp, top_k, top_p = knobs
+        fn = self._fn(e.bucket(int(e.pos[b]) + n), "row")
+        nxt, e.pend_h, e.state = fn(e.param_leaves, ids, np.int32(b), e.pos[b:b + 1].astype(np.int32),
+                                    np.array([n], np.int32), e.state, e.pend_h, np.uint32(seed), np.int32(count),
+                                    np.float32(temp), np.int32(top_k), np.float32(top_p), np.int32(vocab_limit))
+        e.pos[b] += n
+        return int(nxt)
 
     def compiled_shapes(self) -> int:
         """Compiled variants of the mixed step (every bucket, every step length)."""
         return sum(jitted._cache_size() for jitted, _ in self._jitted.values())
 
     def lengths(self) -> list[int]:
-        """Every step length T the scheduler can use."""
-        out, t = [1], 16
+        """Every step length T: 1 (the mixed decode step), and the one-row prefill's chunk lengths."""
+        out, t = [1, 16], 16
         while t < self.chunk:
             out.append(t)
             t *= 2
@@ -141,16 +180,21 @@ class Slots:
         """Compile every (bucket, step length) and the row moves on idle slots (nothing changes)."""
         e = self.engine
         n = 0
+        z = np.zeros(self.batch, np.int32)
+        one = lambda x: np.asarray(x).reshape(1)  # noqa: E731
         for bucket in self.buckets():
             fn = self._fn(bucket)
-            for T in self.lengths():
-                z = np.zeros(self.batch, np.int32)
-                _, e.pend_h, e.state = fn(e.param_leaves, np.zeros((self.batch, T), np.int32), z, z, e.state,
-                                          e.pend_h, z.astype(np.uint32), z, z.astype(np.float32), z,
-                                          np.ones(self.batch, np.float32), np.int32(0))
-                n += 1
-                if progress:
-                    progress(n)
+            _, e.pend_h, e.state = fn(e.param_leaves, np.zeros((self.batch, 1), np.int32), z, z, e.state, e.pend_h,
+                                      z.astype(np.uint32), z, z.astype(np.float32), z, np.ones(self.batch, np.float32),
+                                      np.int32(0))
+            row = self._fn(bucket, "row")
+            for T in self.lengths()[1:]:  # valid 0: the state is left as it is
+                _, e.pend_h, e.state = row(e.param_leaves, np.zeros((1, T), np.int32), np.int32(0), one(np.int32(0)),
+                                           one(np.int32(0)), e.state, e.pend_h, np.uint32(0), np.int32(0),
+                                           np.float32(0), np.int32(0), np.float32(1), np.int32(0))
+            n += len(self.lengths())
+            if progress:
+                progress(n)
         self.clear(np.zeros(self.batch, bool))
         b = int(np.argmin(self.pos))
         if self.pos[b] == 0:

@@ -1,8 +1,9 @@
 """Row states of token prefixes shared across requests, in host memory, bounded by bytes (LRU).
 
-An entry is one slot's state (`Slots.read`) after exactly `tokens` were fed: the 128-aligned
-prefixes of prompts and replies (serving.PREFIX_ALIGN: every compressed block of every layer is
-complete there), and the exact branch points of chat prompts that quick instructions fork from.
+An entry is one slot's state (`Slots.read`) after exactly `tokens` were fed: a prompt's last
+128-aligned prefix and every 128 tokens of a reply (serving.PREFIX_ALIGN: every compressed block of
+every layer is complete there), and the exact branch points of chat prompts (the system prompt's
+end, for requests that share it; the points quick instructions fork from).
 Entries are keyed by a hash of their tokens and hold the tokens themselves, so a hash collision is a
 miss, never a wrong state. The cache holds one model's states (the server's engine): nothing here
 is written to disk (serving.PrefixCache is the on-disk cache of the batch-1 paths).
