@@ -154,8 +154,8 @@ async def _phase(port: int, reqs, clients: int, duration: float, tags) -> dict:
 async def _prefix(port: int) -> dict:
     """A cold request with a ~600-character system message, then the same system message again.
 
-    The scheduler keeps a prompt's state at its last 128-aligned point (and at the chat branch points),
-    so the first user message is short: that point (512) then lies inside the shared 602-token prefix."""
+    The scheduler keeps the state at the end of a chat's system message (a branch point), so the second
+    request starts from the shared 601-token prefix whatever the first user message's length."""
     rng = random.Random(1)
     system = _text(rng, 600)
     client = _client(port)

@@ -404,3 +404,29 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):
 
     assert infer.main(["serve", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+def test_slots_on_a_mesh_with_the_fp8_state_equal_generate():
+    """Slots over a data x tensor mesh with the FP8 decode state: a chunked one-row prefill beside another
+    slot's decode gives serving.generate's greedy tokens (batch-1 engine, same model and layout)."""
+    from v4jax import checkpoint
+    from v4jax.server.slots import Slots
+    from v4jax.sharding import make_mesh
+
+    model = checkpoint.load_hub(fixture_dir(V), mesh=make_mesh("data=2,tensor=2"))
+    slots = Slots(model, 512, 4, kv_layout="fp8", chunk=32)
+    slots.warm()
+    shapes = slots.compiled_shapes()
+    prompt = [int(t) for t in np.random.default_rng(0).integers(2, 200, 45)]
+    eng = Engine(model, 512, batch=1, min_bucket=512, prefill_chunk=32, fixed_chunk=True, kv_layout="fp8")
+    want = generate(eng, [prompt], SamplingConfig(max_new_tokens=10, stop_on_eos=False))["outputs"][0].tokens
+    greedy = (0, 0, 0.0, 0, 1.0)
+    slots.prefill_row(0, [7, 8, 9], greedy)
+    out = [slots.prefill_row(2, prompt[:32], greedy)]
+    out = [slots.prefill_row(2, prompt[32:], greedy)]
+    while len(out) < 10:
+        nxt = slots.step({2: [out[-1]], 0: [5]}, {2: (0, len(out), 0.0, 0, 1.0), 0: greedy})
+        out.append(int(nxt[2]))
+    assert out == want
+    assert slots.compiled_shapes() == shapes
+    assert list(slots.pos) == [3 + 9, 0, 45 + 9, 0]
