@@ -38,6 +38,17 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(2, os.cpu_count() or 1, int(mem_gib // 8)))
 
 
+# The slowest test files first: with --dist loadfile a worker takes whole files in collection order, so
+# starting the long ones early keeps one worker from running a long file alone at the end.
+SLOW_FIRST = ("test_training.py", "test_evaluation.py", "test_newest_jax.py", "test_server.py", "test_stack.py",
+              "test_aot.py", "test_parity.py", "test_native.py", "test_multihost.py", "test_sparse_memory.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(SLOW_FIRST)))  # stable
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop every compiled program after each test module. XLA:CPU maps each compiled kernel into its

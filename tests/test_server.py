@@ -1,6 +1,6 @@
 """infer.py serve: the OpenAI-compatible server, through the official `openai` client.
 
-One in-process server (8 slots, 1024-token context, 64-token prefill chunks) on the tiny FP8 fixture,
+One in-process server (8 slots, 1024-token context, 32-token prefill chunks) on the tiny FP8 fixture,
 every step shape compiled before the first request; greedy replies are checked against
 serving.generate (what `infer.py generate` runs), alone and with 8 requests of different lengths in
 flight at once; then the prefix cache, quick instructions, bad requests, a client that disconnects,
@@ -33,7 +33,7 @@ openai = pytest.importorskip("openai", reason="the openai client is in the test 
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is a dependency: pip install -e .")
 
 V = "tiny-a-fp8"
-CTX, SLOTS, CHUNK = 1024, 8, 64
+CTX, SLOTS, CHUNK = 1024, 8, 32
 TOK = ByteTokenizer()
 
 
@@ -200,17 +200,46 @@ def test_stream_splitter_and_tool_calls_from_dsml():
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris", "days": 3}
 
 
-def test_tool_call_round_trip_renders_like_the_chat_format(client):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"city": {"type": "string"}}}}}]
-    msgs = _user("Weather in Paris?") + [
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_0", "type": "function", "function": {
-            "name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
-        {"role": "tool", "tool_call_id": "call_0", "content": "sunny, 21 C"}]
-    r = client.chat.completions.create(model="tiny", messages=msgs, tools=tools, max_tokens=4, temperature=0)
-    assert r.usage.prompt_tokens == len(TOK.encode(chat.render(msgs, tools)))
-    assert "<tool_result>sunny, 21 C</tool_result>" in chat.render(msgs, tools)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                                                          "days": {"type": "integer"}}}}}]
+
+
+def test_tool_call_round_trip(served, client, monkeypatch):
+    """The model's DSML comes back as OpenAI tool_calls (whole and streamed); the client's own message
+    object, sent back with the tool's result, renders as the V4 chat format says. The tiny random model
+    writes no DSML, so its sampled tokens are replaced by a scripted reply (the slot is fed the script)."""
+    t = chat.DEFAULT_TEXTS
+    reply = "Ok.\n\n" + chat.render_tool_calls([{"name": "get_weather", "arguments": {"days": 2}}], t)
+    script = list(TOK.encode(reply)) + [TOK.eos_id]
+    sched = served["svc"].scheduler
+    real_push = sched._push
+    monkeypatch.setattr(sched, "_push", lambda r, tok: real_push(r, script[min(r.count, len(script) - 1)]))
+    msgs = _user("Weather in Paris?")
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=len(script) + 5, temperature=0)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content == "Ok."
+    (call,) = m.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"days": 2}
+    calls, content, finish = [], "", None
+    for ch in client.chat.completions.create(model="tiny", messages=msgs, max_tokens=len(script) + 5,
+                                             temperature=0, stream=True):
+        for c in ch.choices:
+            content += c.delta.content or ""
+            calls += c.delta.tool_calls or []
+            finish = c.finish_reason or finish
+    assert content == "Ok." and finish == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"days": 2})]
+    monkeypatch.setattr(sched, "_push", real_push)
+    back = msgs + [m.model_dump(exclude_none=True),
+                   {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
+    r2 = client.chat.completions.create(model="tiny", messages=back, max_tokens=4, temperature=0)
+    rendered = chat.render(back)
+    assert r2.usage.prompt_tokens == len(TOK.encode(rendered))
+    assert chat.render_tool_calls([{"name": "get_weather", "arguments": {"days": 2}}], t) in rendered
+    assert "<tool_result>sunny, 21 C</tool_result>" in rendered
+    r3 = client.chat.completions.create(model="tiny", messages=msgs, tools=TOOLS, max_tokens=4, temperature=0)
+    assert r3.usage.prompt_tokens == len(TOK.encode(chat.render(msgs, TOOLS)))  # the schemas are in the prompt
 
 
 # ---------------------------------------------------------------------------- prefix cache, quick instructions
@@ -406,27 +435,48 @@ def test_serve_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
-def test_slots_on_a_mesh_with_the_fp8_state_equal_generate():
-    """Slots over a data x tensor mesh with the FP8 decode state: a chunked one-row prefill beside another
+def test_slots_on_a_data_mesh_with_the_fp8_state_equal_generate():
+    """Slots with the batch split over a data axis and the FP8 decode state: a chunked one-row prefill beside another
     slot's decode gives serving.generate's greedy tokens (batch-1 engine, same model and layout)."""
     from v4jax import checkpoint
     from v4jax.server.slots import Slots
     from v4jax.sharding import make_mesh
 
-    model = checkpoint.load_hub(fixture_dir(V), mesh=make_mesh("data=2,tensor=2"))
-    slots = Slots(model, 512, 4, kv_layout="fp8", chunk=32)
+    model = checkpoint.load_hub(fixture_dir(V), mesh=make_mesh("data=2"))
+    slots = Slots(model, 512, 4, kv_layout="fp8", chunk=16)
     slots.warm()
     shapes = slots.compiled_shapes()
     prompt = [int(t) for t in np.random.default_rng(0).integers(2, 200, 45)]
-    eng = Engine(model, 512, batch=1, min_bucket=512, prefill_chunk=32, fixed_chunk=True, kv_layout="fp8")
+    eng = Engine(model, 512, batch=1, min_bucket=512, prefill_chunk=16, fixed_chunk=True, kv_layout="fp8")
     want = generate(eng, [prompt], SamplingConfig(max_new_tokens=10, stop_on_eos=False))["outputs"][0].tokens
     greedy = (0, 0, 0.0, 0, 1.0)
     slots.prefill_row(0, [7, 8, 9], greedy)
-    out = [slots.prefill_row(2, prompt[:32], greedy)]
-    out = [slots.prefill_row(2, prompt[32:], greedy)]
+    for i in range(0, len(prompt), 16):  # 16 + 16 + 13 tokens
+        out = [slots.prefill_row(2, prompt[i: i + 16], greedy)]
     while len(out) < 10:
         nxt = slots.step({2: [out[-1]], 0: [5]}, {2: (0, len(out), 0.0, 0, 1.0), 0: greedy})
         out.append(int(nxt[2]))
     assert out == want
     assert slots.compiled_shapes() == shapes
     assert list(slots.pos) == [3 + 9, 0, 45 + 9, 0]
+
+
+def test_shutdown_ends_open_streams_with_an_error_event(served, client):
+    """Last of the module (it stops the shared server's scheduler): draining refuses new requests with
+    503 and keeps serving what is in a slot; stopping ends an open stream with a final error event,
+    which the openai client raises as an APIError instead of hanging."""
+    sched = served["svc"].scheduler
+    stream = client.chat.completions.create(model="tiny", messages=_user("go on"), max_tokens=900, temperature=0,
+                                            stream=True)
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    sched.drain()
+    assert httpx.get(served["url"] + "/health").status_code == 503
+    with pytest.raises(openai.InternalServerError, match="shutting down"):
+        client.chat.completions.create(model="tiny", messages=_user("x"), max_tokens=2)
+    next(it)  # the stream in its slot still runs
+    sched.stop()
+    with pytest.raises(openai.APIError, match="shut down"):
+        for _ in it:
+            pass

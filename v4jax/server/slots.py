@@ -80,10 +80,12 @@ def _clear_rows(state, pend_h, empty_small, mask_b, ratios):
 
 
 class Slots:
-    """`batch` decode slots over one Engine (no MTP state: the server decodes plainly)."""
+    """`batch` decode slots over one Engine (no MTP state: the server decodes plainly). Position
+    buckets start at `min_bucket` (4096: the window and a few compressed blocks cost little to read in
+    full, and every bucket is compiled at start-up: 1 + log2(max_context / 4096) of them)."""
 
     def __init__(self, model, max_context: int, batch: int, kv_layout: str | None = None, chunk: int = 256,
-                 min_bucket: int = 1024):
+                 min_bucket: int = 4096):
         self.engine = Engine(model, max_context, batch=batch, kv_layout=kv_layout, prefill_chunk=chunk,
                              min_bucket=min(min_bucket, max_context))
         e = self.engine
