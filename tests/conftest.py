@@ -38,8 +38,9 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(2, os.cpu_count() or 1, int(mem_gib // 8)))
 
 
-# The slowest test files first: with --dist loadfile a worker takes whole files in collection order, so
-# starting the long ones early keeps one worker from running a long file alone at the end.
+# The slowest test files first: with --dist loadfile and --no-loadscope-reorder (pyproject's addopts) a
+# worker takes whole files in collection order, so starting the long ones early keeps one worker from
+# running a long file alone at the end (xdist's own reordering sorts files by their number of tests).
 SLOW_FIRST = ("test_training.py", "test_evaluation.py", "test_newest_jax.py", "test_server.py", "test_stack.py",
               "test_aot.py", "test_parity.py", "test_native.py", "test_multihost.py", "test_sparse_memory.py")
 

@@ -178,6 +178,99 @@ def branch_points(svc: Service, msgs, tools, mode, ids) -> tuple[int, ...]:
     return tuple(sorted(pts))
 
 
+async def chat_completions(svc: Service, http: HTTPRequest):
+    """POST /v1/chat/completions."""
+    body = P.parse_json(await http.body())
+    model = _check_model(svc, body)
+    msgs, tools = P.messages_fields(body)
+    mode = P.chat_mode(body, svc.mode)
+    sf = {**P.sampling_fields(body), "_chat": True}
+    try:
+        ids = svc.encode(chat.render(msgs, tools, mode, svc.texts))
+    except ValueError as e:
+        raise P.bad("messages", str(e)) from None
+    req, ch = _submit(svc, ids, _sampling(svc, sf, len(ids)), save_at=branch_points(svc, msgs, tools, mode, ids))
+    rid = "chatcmpl-" + req.id
+    if body.get("stream"):
+        split = P.StreamSplitter(mode, svc.texts)
+
+        def finish(ev):
+            msg, reason = P.chat_message(ev, mode, svc.texts, req.id)
+            return ({"delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(msg["tool_calls"])]}}
+                    if msg.get("tool_calls") else {"delta": {}}), reason
+
+        def delta(text, final):
+            return [{"delta": d} for d in split.deltas(text, final)]
+
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(svc, req, ch, "chat.completion.chunk", rid, model, delta, finish, include),
+                                 media_type="text/event-stream")
+    done = await _wait_done(svc, http, req, ch)
+    msg, reason = P.chat_message(done, mode, svc.texts, req.id)
+    return P.envelope("chat.completion", rid, model, P.now(),
+                      [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": None}],
+                      usage=P.usage(done))
+
+
+async def completions(svc: Service, http: HTTPRequest):
+    """POST /v1/completions: a raw prompt (BOS added)."""
+    body = P.parse_json(await http.body())
+    model = _check_model(svc, body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise P.bad("prompt", f"'prompt' must be a string, got {chat._kind(prompt)}")
+    sf = P.sampling_fields(body)
+    ids = svc.encode(prompt)
+    bos = svc.scheduler.slots.cfg.bos_token_id
+    ids = ids if ids and ids[0] == bos else [bos] + ids
+    req, ch = _submit(svc, ids, _sampling(svc, sf, len(ids)))
+    rid = "cmpl-" + req.id
+    if body.get("stream"):
+        sent = [0]
+
+        def delta(text, final):
+            piece, sent[0] = text[sent[0]:], len(text)
+            return [{"text": piece}] if piece else []
+
+        include = bool((body.get("stream_options") or {}).get("include_usage"))
+        return StreamingResponse(_stream(svc, req, ch, "text_completion", rid, model, delta,
+                                         lambda ev: ({"text": ""}, ev["finish"]), include),
+                                 media_type="text/event-stream")
+    done = await _wait_done(svc, http, req, ch)
+    return P.envelope("text_completion", rid, model, P.now(),
+                      [{"index": 0, "text": done["text"], "finish_reason": done["finish"], "logprobs": None}],
+                      usage=P.usage(done))
+
+
+async def quick_instruction(svc: Service, http: HTTPRequest):
+    """POST /v1/quick_instruction: a task answered greedily from a fork of the conversation's cached state."""
+    body = P.parse_json(await http.body())
+    model = _check_model(svc, body)
+    msgs, tools = P.messages_fields(body)
+    mode = P.chat_mode(body, svc.mode)
+    task, url = body.get("task"), body.get("url")
+    if task not in chat.TASKS:
+        raise P.bad("task", f"unknown task {task!r}: use one of {', '.join(chat.TASKS)}")
+    if url is not None and not isinstance(url, str):
+        raise P.bad("url", f"'url' must be a string, got {chat._kind(url)}")
+    n = P._int(body, "max_tokens", 1, 32, hi=QUICK_MAX_TOKENS)
+    try:
+        prefix, suffix = chat.quick_instruction_prompt(task, msgs, mode, svc.texts, url=url, tools=tools)
+    except ValueError as e:
+        raise P.bad("url" if "url" in str(e) else "messages", str(e)) from None
+    ids = svc.encode(prefix) + svc.encode(suffix)
+    sf = {"max_tokens": n, "max_tokens_field": "max_tokens", "seed": 0, "temperature": 0.0, "top_k": 0,
+          "top_p": 1.0, "stop": (), "_chat": True}
+    req, ch = _submit(svc, ids, _sampling(svc, sf, len(ids), greedy=True), store=False)
+    done = await _wait_done(svc, http, req, ch)
+    use = P.usage(done)
+    use["prefilled_tokens"] = done["prompt_tokens"] - done["cached_tokens"]
+    return {"id": "qi-" + req.id, "object": "quick_instruction", "created": P.now(), "model": model, "task": task,
+            "answer": done["text"].strip(), "finish_reason": done["finish"], "usage": use}
+
+
 def create_app(svc: Service) -> FastAPI:
     app = FastAPI(title="v4jax", version="0.1.0")
 
@@ -195,108 +288,30 @@ def create_app(svc: Service) -> FastAPI:
         return JSONResponse(P.bad("body", str(e)).body(), status_code=400)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(http: HTTPRequest):
-        body = P.parse_json(await http.body())
-        model = _check_model(svc, body)
-        msgs, tools = P.messages_fields(body)
-        mode = P.chat_mode(body, svc.mode)
-        sf = {**P.sampling_fields(body), "_chat": True}
-        try:
-            ids = svc.encode(chat.render(msgs, tools, mode, svc.texts))
-        except ValueError as e:
-            raise P.bad("messages", str(e)) from None
-        req, ch = _submit(svc, ids, _sampling(svc, sf, len(ids)), save_at=branch_points(svc, msgs, tools, mode, ids))
-        rid = "chatcmpl-" + req.id
-        if body.get("stream"):
-            split = P.StreamSplitter(mode, svc.texts)
-
-            def finish(ev):
-                msg, reason = P.chat_message(ev, mode, svc.texts, req.id)
-                return ({"delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(msg["tool_calls"])]}}
-                        if msg.get("tool_calls") else {"delta": {}}), reason
-
-            def delta(text, final):
-                return [{"delta": d} for d in split.deltas(text, final)]
-
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(svc, req, ch, "chat.completion.chunk", rid, model, delta, finish, include),
-                                     media_type="text/event-stream")
-        done = await _wait_done(svc, http, req, ch)
-        msg, reason = P.chat_message(done, mode, svc.texts, req.id)
-        return P.envelope("chat.completion", rid, model, P.now(),
-                          [{"index": 0, "message": msg, "finish_reason": reason, "logprobs": None}],
-                          usage=P.usage(done))
+    async def _chat(http: HTTPRequest):
+        return await chat_completions(svc, http)
 
     @app.post("/v1/completions")
-    async def completions(http: HTTPRequest):
-        body = P.parse_json(await http.body())
-        model = _check_model(svc, body)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise P.bad("prompt", f"'prompt' must be a string, got {chat._kind(prompt)}")
-        sf = P.sampling_fields(body)
-        ids = svc.encode(prompt)
-        bos = svc.scheduler.slots.cfg.bos_token_id
-        ids = ids if ids and ids[0] == bos else [bos] + ids
-        req, ch = _submit(svc, ids, _sampling(svc, sf, len(ids)))
-        rid = "cmpl-" + req.id
-        if body.get("stream"):
-            sent = [0]
-
-            def delta(text, final):
-                piece, sent[0] = text[sent[0]:], len(text)
-                return [{"text": piece}] if piece else []
-
-            include = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(svc, req, ch, "text_completion", rid, model, delta,
-                                             lambda ev: ({"text": ""}, ev["finish"]), include),
-                                     media_type="text/event-stream")
-        done = await _wait_done(svc, http, req, ch)
-        return P.envelope("text_completion", rid, model, P.now(),
-                          [{"index": 0, "text": done["text"], "finish_reason": done["finish"], "logprobs": None}],
-                          usage=P.usage(done))
+    async def _completions(http: HTTPRequest):
+        return await completions(svc, http)
 
     @app.post("/v1/quick_instruction")
-    async def quick_instruction(http: HTTPRequest):
-        body = P.parse_json(await http.body())
-        model = _check_model(svc, body)
-        msgs, tools = P.messages_fields(body)
-        mode = P.chat_mode(body, svc.mode)
-        task, url = body.get("task"), body.get("url")
-        if task not in chat.TASKS:
-            raise P.bad("task", f"unknown task {task!r}: use one of {', '.join(chat.TASKS)}")
-        if url is not None and not isinstance(url, str):
-            raise P.bad("url", f"'url' must be a string, got {chat._kind(url)}")
-        n = P._int(body, "max_tokens", 1, 32, hi=QUICK_MAX_TOKENS)
-        try:
-            prefix, suffix = chat.quick_instruction_prompt(task, msgs, mode, svc.texts, url=url, tools=tools)
-        except ValueError as e:
-            raise P.bad("url" if "url" in str(e) else "messages", str(e)) from None
-        ids = svc.encode(prefix) + svc.encode(suffix)
-        sf = {"max_tokens": n, "max_tokens_field": "max_tokens", "seed": 0, "temperature": 0.0, "top_k": 0,
-              "top_p": 1.0, "stop": (), "_chat": True}
-        req, ch = _submit(svc, ids, _sampling(svc, sf, len(ids), greedy=True), store=False)
-        done = await _wait_done(svc, http, req, ch)
-        use = P.usage(done)
-        use["prefilled_tokens"] = done["prompt_tokens"] - done["cached_tokens"]
-        return {"id": "qi-" + req.id, "object": "quick_instruction", "created": P.now(), "model": model, "task": task,
-                "answer": done["text"].strip(), "finish_reason": done["finish"], "usage": use}
+    async def _quick(http: HTTPRequest):
+        return await quick_instruction(svc, http)
 
     @app.get("/v1/models")
-    async def models():
+    async def _models():
         return {"object": "list", "data": [{"id": svc.model_name, "object": "model", "created": svc.created,
                                             "owned_by": "v4jax", "max_model_len": svc.max_context}]}
 
     @app.get("/health")
-    async def health():
+    async def _health():
         if svc.scheduler.draining or svc.scheduler.stopped:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def metrics():
+    async def _metrics():
         return PlainTextResponse(prometheus(svc), media_type="text/plain; version=0.0.4")
 
     return app
